@@ -1,0 +1,145 @@
+"""Adapter files: only what S-SAM trained, as safetensors (loading never runs code), with JSON metadata.
+
+Layout: every trainable tensor under its parameter name, the cached label embeddings as `labels.embeddings`
+(one row per name in metadata["labels"]), and metadata["ssam"] holding the JSON below. A few MB, not a copy of SAM.
+"""
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .errors import SSAMError
+
+FORMAT_VERSION = 1
+LABELS_KEY = "labels.embeddings"
+
+
+def _metadata(model, training_summary):
+    return {
+        "format": "ssam-adapter",
+        "format_version": FORMAT_VERSION,
+        "base": model.spec.id,
+        "base_sha256": model.base_sha256,
+        "image_size": model.image_size,
+        "text_encoder": model.text_encoder_id,
+        "text_dim": model.text_dim,
+        "labels": [name for name, _ in model.labels.items()],
+        "tensors": list(model.trainable_names()),
+        "training": training_summary or {},
+    }
+
+
+def save_adapter(model, path, training_summary=None) -> Path:
+    """Write the adapter atomically: a crash or a full disk leaves any earlier file at `path` untouched."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tensors = {name: t.detach().float().cpu().contiguous() for name, t in model.trainable_state().items()}
+    items = model.labels.items()
+    if items:
+        tensors[LABELS_KEY] = torch.stack([vector for _, vector in items]).contiguous()
+    metadata = {"ssam": json.dumps(_metadata(model, training_summary))}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    os.close(handle)
+    try:
+        save_file(tensors, temporary, metadata=metadata)
+        os.replace(temporary, path)
+    except OSError as error:
+        Path(temporary).unlink(missing_ok=True)
+        raise SSAMError(f"cannot write adapter {path} ({error.strerror or error}); free space or choose another path") from None
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_metadata(path) -> dict:
+    """The adapter's metadata, checked to be an S-SAM adapter; reads only the file's header."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise SSAMError(f"adapter {path} does not exist; check the path or train one with `ssam train`")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            raw = (handle.metadata() or {}).get("ssam")
+    except Exception as error:
+        raise SSAMError(f"adapter {path} is damaged or not a safetensors file ({error}); re-export or re-download it") from None
+    try:
+        metadata = json.loads(raw) if raw else None
+    except json.JSONDecodeError:
+        metadata = None
+    if not isinstance(metadata, dict) or metadata.get("format") != "ssam-adapter":
+        raise SSAMError(f"{path} is a safetensors file but not an S-SAM adapter (no 'ssam' metadata)")
+    if metadata.get("format_version", 0) > FORMAT_VERSION:
+        raise SSAMError(
+            f"adapter {path} has format version {metadata['format_version']}, newer than this SSAM Segment "
+            f"understands ({FORMAT_VERSION}); update SSAM Segment"
+        )
+    return metadata
+
+
+def check_compatible(metadata: dict, model, path) -> None:
+    """Refuse an adapter made for another base, base checkpoint, image size or text encoder, naming both sides."""
+    checks = (
+        ("base", metadata.get("base"), model.spec.id),
+        ("base weights (SHA256)", metadata.get("base_sha256"), model.base_sha256),
+        ("image size", metadata.get("image_size"), model.image_size),
+        ("text encoder", metadata.get("text_encoder"), model.text_encoder_id),
+        ("text embedding size", metadata.get("text_dim"), model.text_dim),
+    )
+    for what, theirs, ours in checks:
+        if theirs != ours:
+            if what.startswith("base weights"):
+                theirs, ours = str(theirs)[:12] + "…", str(ours)[:12] + "…"
+            raise SSAMError(
+                f"adapter {Path(path).name} was trained for {what} {theirs}, but the model has {ours}; "
+                f"load it with the matching base/text encoder or retrain it"
+            )
+
+
+def load_adapter(model, path) -> dict:
+    """Load an adapter into `model` (replacing its trainable tensors and known labels); returns the metadata."""
+    from safetensors import safe_open
+
+    metadata = read_metadata(path)
+    check_compatible(metadata, model, path)
+    expected = model.trainable_state()
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            keys = set(handle.keys())
+            missing = sorted(set(expected) - keys)
+            unexpected = sorted(keys - set(expected) - {LABELS_KEY})
+            if missing or unexpected:
+                raise SSAMError(
+                    f"adapter {path} does not fit this model: {len(missing)} missing and {len(unexpected)} unexpected "
+                    f"tensors (e.g. {(missing or unexpected)[0]}); it was made by another version or architecture"
+                )
+            tensors = {name: handle.get_tensor(name) for name in expected}
+            embeddings = handle.get_tensor(LABELS_KEY) if LABELS_KEY in keys else torch.zeros(0, model.text_dim)
+    except SSAMError:
+        raise
+    except Exception as error:
+        raise SSAMError(f"adapter {path} is damaged or truncated ({error}); re-export or re-download it") from None
+    for name, tensor in tensors.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise SSAMError(
+                f"adapter {path}: tensor {name} has shape {tuple(tensor.shape)}, the model expects "
+                f"{tuple(expected[name].shape)}; it was made for another architecture"
+            )
+    labels = metadata.get("labels", [])
+    if embeddings.shape != (len(labels), model.text_dim):
+        raise SSAMError(f"adapter {path}: {len(labels)} labels but embeddings of shape {tuple(embeddings.shape)}; the file is damaged")
+    parameters = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            parameters[name].copy_(tensor.to(parameters[name].dtype))
+    model.labels = type(model.labels)(model.text_encoder_id, model.text_dim, dict(zip(labels, embeddings)))
+    if model.merged:
+        model.merge()
+    model.adapter_metadata = metadata
+    return metadata

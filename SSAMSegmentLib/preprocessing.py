@@ -1,0 +1,49 @@
+"""From a 2D slice (intensities already mapped to 0..255) to the square tensor the image encoder expects, and from
+the decoder's low-resolution logits back to the slice's own size."""
+
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+
+
+def resized_shape(height: int, width: int, image_size: int) -> Tuple[int, int]:
+    """The shape after resizing the longest side to image_size, as SAM's ResizeLongestSide computes it."""
+    scale = image_size / max(height, width)
+    return int(height * scale + 0.5), int(width * scale + 0.5)
+
+
+def to_model_input(slices: torch.Tensor, image_size: int, pixel_mean, pixel_std) -> Tuple[torch.Tensor, Tuple[int, int]]:
+    """slices (B, 3, H, W), 0..255 -> (B, 3, S, S) normalised, longest side S, zero-padded bottom/right.
+
+    Returns the tensor and the (h, w) of the resized content inside the padding.
+    """
+    height, width = slices.shape[-2:]
+    new_h, new_w = resized_shape(height, width, image_size)
+    x = slices.float()
+    if (new_h, new_w) != (height, width):
+        x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
+    mean = torch.as_tensor(pixel_mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    std = torch.as_tensor(pixel_std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    x = (x - mean) / std
+    x = F.pad(x, (0, image_size - new_w, 0, image_size - new_h))
+    return x, (new_h, new_w)
+
+
+def to_model_mask(masks: torch.Tensor, image_size: int) -> torch.Tensor:
+    """Binary masks (B, H, W) -> (B, 1, S, S) targets: resized like the image, thresholded at 0.5, padded with 0."""
+    height, width = masks.shape[-2:]
+    new_h, new_w = resized_shape(height, width, image_size)
+    x = masks.float().unsqueeze(1)
+    if (new_h, new_w) != (height, width):
+        x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False)
+    x = (x > 0.5).float()
+    return F.pad(x, (0, image_size - new_w, 0, image_size - new_h))
+
+
+def logits_to_slice(logits: torch.Tensor, image_size: int, content_hw: Tuple[int, int], out_hw: Tuple[int, int]):
+    """Low-res logits (B, 1, h, w) covering the padded S x S input -> logits (B, 1, H, W) on the slice's own grid:
+    upsample to S, crop the padding away, resize to the slice's size (SAM's postprocess_masks)."""
+    x = F.interpolate(logits.float(), size=(image_size, image_size), mode="bilinear", align_corners=False)
+    x = x[..., : content_hw[0], : content_hw[1]]
+    return F.interpolate(x, size=tuple(out_hw), mode="bilinear", align_corners=False)

@@ -1,0 +1,194 @@
+"""S-SAM: a SAM-style base whose image encoder is tuned through its singular values, prompted by a label name.
+
+The base's modules are used as they are (segment-anything's ImageEncoderViT, LiteMedSAM's TinyViT, SAM's prompt
+encoder and mask decoder); S-SAM only wraps the encoder's weight matrices (svd_linear.py), pools the positional
+embedding to the working resolution, and adds the Text Affine Layer that turns a label into one prompt token.
+"""
+
+from collections import OrderedDict
+from typing import Dict, List, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .bases import BaseSpec, SamParts
+from .svd_linear import tuned_layers, wrap_encoder
+from .text_affine import TextAffineLayer
+from .text_encoders import LabelEmbeddings
+
+PARAMETER_GROUPS = ("singular values", "norms", "positional embedding", "text affine layer", "decoder norms")
+
+
+def pool_positional_embedding(pos_embed: torch.Tensor, grid: int) -> torch.Tensor:
+    """(1, G, G, C) -> (1, grid, grid, C): average pooling when shrinking (as S-SAM), bicubic when growing."""
+    if pos_embed.shape[1] == grid:
+        return pos_embed.clone()
+    x = pos_embed.permute(0, 3, 1, 2)
+    if grid < pos_embed.shape[1]:
+        x = F.adaptive_avg_pool2d(x, grid)
+    else:
+        x = F.interpolate(x, size=(grid, grid), mode="bicubic", align_corners=False)
+    return x.permute(0, 2, 3, 1).contiguous()
+
+
+class SSAM(nn.Module):
+    def __init__(self, spec: BaseSpec, parts: SamParts, image_size: int, text_encoder_id: str, text_dim: int,
+                 base_sha256: str):
+        super().__init__()
+        self.spec = spec
+        self.image_size = spec.check_image_size(image_size)
+        self.base_sha256 = base_sha256
+        self.image_encoder, self.prompt_encoder, self.mask_decoder = parts
+        self._adapt_to_image_size()
+        self.tuned_layer_names = wrap_encoder(self.image_encoder, spec.encoder_kind)
+        self.text_affine = TextAffineLayer(text_dim, self.prompt_encoder.embed_dim)
+        self.labels = LabelEmbeddings(text_encoder_id, text_dim)
+        self.register_buffer("pixel_mean", torch.tensor(spec.pixel_mean), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(spec.pixel_std), persistent=False)
+        self.merged = False
+        for parameter in self.parameters():
+            parameter.requires_grad_(False)
+        for _, parameter in self._trainable_items():
+            parameter.requires_grad_(True)
+        self.eval()
+
+    # --- construction -------------------------------------------------------------------------------------------
+
+    def _adapt_to_image_size(self):
+        grid = self.image_size // 16 if self.spec.encoder_kind == "vit" else self.image_size // 4
+        encoder = self.image_encoder
+        if self.spec.encoder_kind == "vit":
+            encoder.pos_embed = nn.Parameter(pool_positional_embedding(encoder.pos_embed.detach(), grid))
+            encoder.img_size = self.image_size
+        self.prompt_encoder.image_embedding_size = (grid, grid)
+        self.prompt_encoder.input_image_size = (self.image_size, self.image_size)
+
+    @property
+    def text_encoder_id(self) -> str:
+        return self.labels.encoder_id
+
+    @property
+    def text_dim(self) -> int:
+        return self.labels.dim
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    # --- the trainable set (DESIGN section 1) ---------------------------------------------------------------------
+
+    def _trainable_items(self):
+        """(group, parameter) for every trained tensor: a and b of each tuned matrix; the encoder's norm layers
+        (LayerNorm, and for TinyViT the BatchNorm scales and shifts); the positional embedding; the TAL; the
+        decoder's LayerNorms. Everything else, biases included, is frozen."""
+        for layer in tuned_layers(self.image_encoder):
+            yield "singular values", layer.scale
+            yield "singular values", layer.shift
+        for module in self.image_encoder.modules():
+            if isinstance(module, (nn.LayerNorm, nn.BatchNorm2d)):
+                yield from (("norms", p) for p in module.parameters(recurse=False))
+        if getattr(self.image_encoder, "pos_embed", None) is not None:
+            yield "positional embedding", self.image_encoder.pos_embed
+        for parameter in self.text_affine.parameters():
+            yield "text affine layer", parameter
+        for module in self.mask_decoder.modules():
+            if isinstance(module, nn.LayerNorm):
+                yield from (("decoder norms", p) for p in module.parameters(recurse=False))
+
+    def trainable_parameters(self) -> List[nn.Parameter]:
+        return [p for _, p in self._trainable_items()]
+
+    def trainable_names(self) -> Dict[str, str]:
+        """name -> group for every trainable tensor, in a stable order."""
+        groups = {id(p): group for group, p in self._trainable_items()}
+        return OrderedDict((name, groups[id(p)]) for name, p in self.named_parameters() if id(p) in groups)
+
+    def trainable_state(self) -> Dict[str, torch.Tensor]:
+        names = self.trainable_names()
+        return OrderedDict((name, p.detach()) for name, p in self.named_parameters() if name in names)
+
+    def parameter_counts(self) -> Dict[str, int]:
+        counts = OrderedDict((group, 0) for group in PARAMETER_GROUPS)
+        for group, parameter in self._trainable_items():
+            counts[group] += parameter.numel()
+        counts["trainable"] = sum(counts[g] for g in PARAMETER_GROUPS)
+        # The base's own parameters; the SVD factors are buffers derived from them, a and b are S-SAM's.
+        counts["total"] = counts["trainable"] + sum(
+            p.numel() for p in self.parameters() if not p.requires_grad
+        )
+        return counts
+
+    # --- modes --------------------------------------------------------------------------------------------------
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if mode:
+            self.unmerge()
+            # BatchNorm statistics stay the pretrained ones: only the BN scales and shifts are trained.
+            for module in self.image_encoder.modules():
+                if isinstance(module, nn.BatchNorm2d):
+                    module.eval()
+        return self
+
+    @torch.no_grad()
+    def merge(self):
+        """Compute each tuned weight once and run the encoder with plain weights (inference)."""
+        for layer in tuned_layers(self.image_encoder):
+            layer.merge()
+        self.merged = True
+        return self
+
+    def unmerge(self):
+        for layer in tuned_layers(self.image_encoder):
+            layer.unmerge()
+        self.merged = False
+        return self
+
+    # --- forward ------------------------------------------------------------------------------------------------
+
+    def text_embeddings(self, labels: Sequence[str]) -> torch.Tensor:
+        return self.labels.lookup(list(labels)).to(self.device)
+
+    def prompt_tokens(self, text_embeddings: torch.Tensor) -> torch.Tensor:
+        """(N, text_dim) -> (N, 1, 256): one sparse prompt token per label, no points or boxes."""
+        return self.text_affine(text_embeddings.to(self.device)).unsqueeze(1)
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) preprocessed -> image embeddings (B, 256, g, g)."""
+        return self.image_encoder(images)
+
+    def decode(self, image_embeddings: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Mask logits (N, 1, h, w) for N prompt tokens, over N image embeddings or one shared by all tokens."""
+        count = tokens.shape[0]
+        dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(
+            count, -1, *self.prompt_encoder.image_embedding_size
+        )
+        logits, _ = self.mask_decoder(
+            image_embeddings=image_embeddings,
+            image_pe=self.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=tokens.to(dense.dtype),
+            dense_prompt_embeddings=dense,
+            multimask_output=False,
+        )
+        return logits
+
+    def forward(self, images: torch.Tensor, labels: Union[Sequence[str], torch.Tensor]) -> torch.Tensor:
+        """images (B, 3, S, S) preprocessed, labels B names (or text embeddings (B, dim)) -> low-res logits
+        (B, 1, h, w) over the padded S x S input."""
+        text = labels if isinstance(labels, torch.Tensor) else self.text_embeddings(labels)
+        if text.shape[0] != images.shape[0]:
+            raise ValueError(f"{images.shape[0]} images but {text.shape[0]} labels")
+        return self.decode(self.encode_images(images), self.prompt_tokens(text))
+
+    # --- adapter ------------------------------------------------------------------------------------------------
+
+    def save_adapter(self, path, training_summary=None):
+        from .adapter import save_adapter
+
+        return save_adapter(self, path, training_summary)
+
+    def load_adapter(self, path):
+        from .adapter import load_adapter
+
+        return load_adapter(self, path)

@@ -5,12 +5,11 @@ Layout: every trainable tensor under its parameter name, the cached label embedd
 """
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
+from .atomic_file import atomic_output
 from .errors import SSAMError
 
 FORMAT_VERSION = 1
@@ -42,18 +41,8 @@ def save_adapter(model, path, training_summary=None) -> Path:
     if items:
         tensors[LABELS_KEY] = torch.stack([vector for _, vector in items]).contiguous()
     metadata = {"ssam": json.dumps(_metadata(model, training_summary))}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    os.close(handle)
-    try:
-        save_file(tensors, temporary, metadata=metadata)
-        os.replace(temporary, path)
-    except OSError as error:
-        Path(temporary).unlink(missing_ok=True)
-        raise SSAMError(f"cannot write adapter {path} ({error.strerror or error}); free space or choose another path") from None
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with atomic_output(path, suffix=".safetensors") as temporary:
+        save_file(tensors, str(temporary), metadata=metadata)
     return path
 
 

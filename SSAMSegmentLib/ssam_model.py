@@ -181,6 +181,16 @@ class SSAM(nn.Module):
             raise ValueError(f"{images.shape[0]} images but {text.shape[0]} labels")
         return self.decode(self.encode_images(images), self.prompt_tokens(text))
 
+    def segment(self, image, labels, spacing=None, origin=None, direction=None, **options):
+        """Masks for `labels` on a SimpleITK image, or a numpy array ((z,) y, x[, 3]) with its geometry; options as
+        slice_inference.segment_image (axis, threshold, intensity, window, batch_size, progress, cancel)."""
+        from .image_io import image_from_array
+        from .slice_inference import segment_image
+
+        if not hasattr(image, "GetSize"):
+            image = image_from_array(image, spacing, origin, direction)
+        return segment_image(self, image, labels, **options)
+
     # --- adapter ------------------------------------------------------------------------------------------------
 
     def save_adapter(self, path, training_summary=None):

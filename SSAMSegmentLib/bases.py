@@ -179,7 +179,8 @@ BASES = {
             fixed_image_size=True,
             pixel_mean=_UNIT_MEAN,
             pixel_std=_UNIT_STD,
-            build=partial(_tinyvit, [8, 16, 16, 32], [1, 1, 1, 1], [1, 1, 1, 2], decoder_depth=1, decoder_mlp=64),
+            # TinyViT hard-wires stride 1 in its last patch merging only for widths 320, 448 or 576.
+            build=partial(_tinyvit, [8, 16, 16, 320], [1, 1, 1, 1], [1, 1, 1, 2], decoder_depth=1, decoder_mlp=64),
             weights="random",
         ),
     )

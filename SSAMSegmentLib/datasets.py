@@ -277,7 +277,7 @@ def _rel(root: Path, path: Path) -> str:
 # Label mappings (dataset.json "labels", labels.json)
 
 
-class LabelSpec:
+class _LabelSpec:
     """A trained label: its name and the label-map values that make it (one, or several for an nnU-Net region)."""
 
     def __init__(self, name: str, values: Sequence[int]):
@@ -301,14 +301,14 @@ def _as_value(value) -> Optional[int]:
     return None
 
 
-def parse_label_mapping(mapping, source: str, problems: List[str], notes: List[str]) -> Tuple[List[LabelSpec], set]:
+def _parse_label_mapping(mapping, source: str, problems: List[str], notes: List[str]) -> Tuple[List[_LabelSpec], set]:
     """Read {"1": "liver"} (value -> name, MSD and labels.json) or {"liver": 1} / {"tumor": [1, 2]} (name -> value(s),
     nnU-Net v2). Returns the labels in value order (background and "ignore" left out) and every value a mask may
     hold; appends problems for what cannot be read."""
     if not isinstance(mapping, dict) or not mapping:
         problems.append(f"{source} has no label mapping; map mask values to names, e.g. {{\"1\": \"liver\"}}")
         return [], {0}
-    specs: List[LabelSpec] = []
+    specs: List[_LabelSpec] = []
     allowed = {0}
     unreadable = False
     for key, value in mapping.items():
@@ -339,7 +339,7 @@ def parse_label_mapping(mapping, source: str, problems: List[str], notes: List[s
         if not name:
             problems.append(f"{source}: value {values[0]} has an empty name; name every label")
             continue
-        specs.append(LabelSpec(name, values))
+        specs.append(_LabelSpec(name, values))
     seen_names: Dict[str, str] = {}
     seen_values: Dict[Tuple[int, ...], str] = {}
     for spec in specs:
@@ -441,7 +441,7 @@ def _find_nnunet(root: Path, problems: List[str], notes: List[str]):
     specs, allowed = None, None
     if meta is not None:
         if "labels" in meta:
-            specs, allowed = parse_label_mapping(meta["labels"], "dataset.json labels", problems, notes)
+            specs, allowed = _parse_label_mapping(meta["labels"], "dataset.json labels", problems, notes)
         else:
             problems.append("dataset.json has no \"labels\"; add {\"background\": 0, \"liver\": 1, ...}")
     meta = meta or {}
@@ -504,7 +504,7 @@ def _find_folder2d(root: Path, problems: List[str], notes: List[str]):
     if (root / "labels.json").is_file():
         mapping = _read_json(root / "labels.json", root, problems)
         if mapping is not None:
-            specs, allowed = parse_label_mapping(mapping, "labels.json", problems, notes)
+            specs, allowed = _parse_label_mapping(mapping, "labels.json", problems, notes)
     else:
         problems.append("labels.json is missing; write one mapping mask values to names, e.g. {\"1\": \"polyp\"}")
     image_files = _folder_files(root, root / "images", problems, "images")
@@ -561,7 +561,7 @@ def _check_labelmap_case(root: Path, pair: _Pair, specs, allowed, may_threshold:
     return present, thresholded
 
 
-def _read_labelmap_case(image_path: Path, mask_path: Path, specs: Sequence[LabelSpec], thresholded: bool):
+def _read_labelmap_case(image_path: Path, mask_path: Path, specs: Sequence[_LabelSpec], thresholded: bool):
     image = _read_image(image_path, str(image_path))
     labelmap = sitk.GetArrayFromImage(_read_label_image(mask_path, str(mask_path)))
     if thresholded:
@@ -683,8 +683,8 @@ def _read_segnrrd_case(image_path: Path, seg_path: Path, names_by_key: Dict[str,
 
 def _segnrrd_dataset(root: Path, labels, problems: List[str], notes: List[str]) -> Dataset:
     files = _listdir(root)
-    segs = _index_by_case(root, [(strip_image_suffix(p.name), p) for p in files if p.name.lower().endswith(".seg.nrrd")],
-                          problems)
+    seg_files = [p for p in files if p.name.lower().endswith(".seg.nrrd")]
+    segs = _index_by_case(root, [(strip_image_suffix(p.name), p) for p in seg_files], problems)
     images = _index_by_case(root, [(strip_image_suffix(p.name), p) for p in files if has_image_suffix(p)], problems)
     pairs = _pair_by_id(root, images, segs, lambda c: f"{c}.seg.nrrd", lambda c: f"{c}.nii.gz (or .nrrd, ...)",
                         problems)

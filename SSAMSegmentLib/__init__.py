@@ -9,5 +9,8 @@ __version__ = "0.1.0"
 
 from .errors import Cancelled, SSAMError  # noqa: E402
 from .loading import load  # noqa: E402
+from .segment_files import segment_file  # noqa: E402
+from .training import TrainingConfig, TrainingProgress, TrainingResult, train  # noqa: E402
 
-__all__ = ["Cancelled", "SSAMError", "load", "__version__"]
+__all__ = ["Cancelled", "SSAMError", "TrainingConfig", "TrainingProgress", "TrainingResult", "load", "segment_file",
+           "train", "__version__"]

@@ -27,6 +27,12 @@ def check_writable(path) -> Path:
     return path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_output(path, suffix: str = ""):
     """Yield a temporary path next to `path` (keeping `suffix`, e.g. '.nii.gz', so writers pick the format)."""
@@ -36,6 +42,7 @@ def atomic_output(path, suffix: str = ""):
     temporary = Path(temporary)
     try:
         yield temporary
+        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes 0600 files; outputs get the usual permissions
         os.replace(temporary, path)
     except OSError as error:
         temporary.unlink(missing_ok=True)

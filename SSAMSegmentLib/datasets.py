@@ -45,7 +45,7 @@ from .errors import SSAMError
 from .image_io import check_image, has_image_suffix, same_geometry, strip_image_suffix
 from .text_encoders import label_key
 
-LAYOUTS = ("nnunet", "folder2d", "segnrrd", "memory")
+LAYOUTS = ("nnunet", "folder2d", "segnrrd", "memory", "combined")
 MAX_LISTED_PROBLEMS = 20
 MASK_THRESHOLD_8BIT = 128
 IGNORE_LABEL = "ignore"
@@ -137,7 +137,8 @@ class Dataset:
 
 
 _LAYOUT_NAMES = {"nnunet": "nnU-Net / Medical Segmentation Decathlon", "folder2d": "images/ + masks/ + labels.json",
-                 "segnrrd": "images + Slicer .seg.nrrd", "memory": "segmentations in the scene"}
+                 "segnrrd": "images + Slicer .seg.nrrd", "memory": "segmentations in the scene",
+                 "combined": "several datasets"}
 
 
 def voxel_shape(image: sitk.Image) -> Tuple[int, ...]:
@@ -895,3 +896,36 @@ def split_record(train, val, seed: Optional[int] = None, val_fraction: Optional[
         "seed": seed if seed is not None else getattr(train, "seed", None),
         "val_fraction": val_fraction if val_fraction is not None else getattr(train, "val_fraction", None),
     }
+
+
+def combine_datasets(datasets: Sequence[Dataset]) -> Dataset:
+    """One dataset from several (`ssam train CT_DATA POLYP_DATA ...`): the label names are the union (matched with
+    label_key, the first spelling kept), and a case gets empty masks for labels its own dataset does not have,
+    which makes them negative samples in training: right across modalities (there is no liver in a colonoscopy),
+    wrong for two CT datasets that annotate different organs, so combine datasets of different kinds. Each case
+    keeps `annotated`, the labels its own dataset annotates (validation scores only those), and `source`, its
+    dataset's folder name, which also prefixes its id."""
+    datasets = list(datasets)
+    if len(datasets) == 1:
+        return datasets[0]
+    names: "OrderedDict[str, str]" = OrderedDict()
+    for dataset in datasets:
+        for name in dataset.label_names:
+            names.setdefault(label_key(name), name)
+    union = list(names.values())
+    cases, notes, kinds = [], [], []
+    for number, dataset in enumerate(datasets):
+        prefix = dataset.root.name if dataset.root is not None else f"memory{number}"
+        for case in dataset.cases:
+            def read(case=case):
+                image, masks = case.load()
+                return image, {names[label_key(name)]: mask for name, mask in masks.items()}
+
+            combined = Case(f"{prefix}/{case.case_id}", case.image_path, union, read,
+                            {names[label_key(n)] for n in case.present_labels})
+            combined.annotated = frozenset(names[label_key(n)] for n in dataset.label_names)
+            combined.source = prefix
+            cases.append(combined)
+        notes += [f"{prefix}: {note}" for note in dataset.notes]
+        kinds += dataset.image_kinds
+    return Dataset(None, "combined", union, cases, notes, kinds)

@@ -15,21 +15,31 @@ def resized_shape(height: int, width: int, image_size: int, spacing=(1.0, 1.0)) 
     return max(1, int(physical_h * scale + 0.5)), max(1, int(physical_w * scale + 0.5))
 
 
-def to_model_input(slices: torch.Tensor, image_size: int, pixel_mean, pixel_std, spacing=(1.0, 1.0)):
-    """slices (B, 3, H, W), 0..255 -> (B, 3, S, S) normalised, longest side S, zero-padded bottom/right.
-
-    Returns the tensor and the (h, w) of the resized content inside the padding.
-    """
+def resize_to_model(slices: torch.Tensor, image_size: int, spacing=(1.0, 1.0)):
+    """slices (B, C, H, W) -> resized so the longest physical side is image_size, and that (h, w)."""
     height, width = slices.shape[-2:]
     new_h, new_w = resized_shape(height, width, image_size, spacing)
     x = slices.float()
     if (new_h, new_w) != (height, width):
         x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
+    return x, (new_h, new_w)
+
+
+def normalize_and_pad(x: torch.Tensor, image_size: int, pixel_mean, pixel_std) -> torch.Tensor:
+    """(B, 3, h, w) in 0..255 -> (B, 3, S, S): the base's pixel normalisation, then zeros bottom/right (SAM's order)."""
     mean = torch.as_tensor(pixel_mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     std = torch.as_tensor(pixel_std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     x = (x - mean) / std
-    x = F.pad(x, (0, image_size - new_w, 0, image_size - new_h))
-    return x, (new_h, new_w)
+    return F.pad(x, (0, image_size - x.shape[-1], 0, image_size - x.shape[-2]))
+
+
+def to_model_input(slices: torch.Tensor, image_size: int, pixel_mean, pixel_std, spacing=(1.0, 1.0)):
+    """slices (B, 3, H, W), 0..255 -> (B, 3, S, S) normalised, longest side S, zero-padded bottom/right.
+
+    Returns the tensor and the (h, w) of the resized content inside the padding.
+    """
+    x, content = resize_to_model(slices, image_size, spacing)
+    return normalize_and_pad(x, image_size, pixel_mean, pixel_std), content
 
 
 def to_model_mask(masks: torch.Tensor, image_size: int, spacing=(1.0, 1.0)) -> torch.Tensor:

@@ -72,8 +72,13 @@ class SliceGeometry:
         return view
 
     @property
+    def array_axis(self) -> int:
+        """The axis of the image's own numpy array that is cut into slices (0 for 2D images)."""
+        return 0 if self.slice_axis < 0 else self.order[self.slice_axis]
+
+    @property
     def num_slices(self) -> int:
-        return 1 if self.slice_axis < 0 else self.shape[self.order[self.slice_axis]]
+        return 1 if self.slice_axis < 0 else self.shape[self.array_axis]
 
     def slice_view(self, canonical: np.ndarray, index: int) -> np.ndarray:
         """Slice `index` as the model sees it (a view): axial as is; coronal/sagittal with superior at the top."""

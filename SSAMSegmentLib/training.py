@@ -1,0 +1,496 @@
+"""Fine-tuning S-SAM on a labelled dataset: `train(config, progress, cancel)` -> an adapter file.
+
+Only the S-SAM trainable set is optimised (AdamW, lr 1e-4, weight decay 0.01; focal + Dice loss on logits). A step
+takes `batch_size` slices with every dataset label of each (the (slice, label) samples of the paper, grouped so each
+slice is encoded once). After each epoch: validation Dice per label on held-out cases, the adapter rewritten when the
+mean Dice improves, and a checkpoint from which `resume` continues exactly (the data order and augmentation of every
+step derive from (seed, epoch) and (seed, step), not from a running random state). Ctrl-C or Cancel saves a
+checkpoint at the current step and never leaves a partial adapter. Under `torchrun` each process trains on its share
+of every batch with DistributedDataParallel; rank 0 validates and writes.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .atomic_file import atomic_output, check_writable
+from .devices import autocast, autocast_dtype, select_device
+from .errors import Cancelled, SSAMError
+from .losses import ssam_loss
+from .slice_bank import SliceBank, build_slice_bank
+from .text_encoders import label_key
+
+
+@dataclasses.dataclass
+class TrainingConfig:
+    data: object  # dataset folder(s) or datasets.Dataset(s) (e.g. datasets.memory_dataset for Slicer scenes)
+    output: str = "ssam.adapter.safetensors"
+    base: str = "litemedsam"
+    text_encoder: str = "minilm-l6"
+    labels: Optional[List[str]] = None
+    epochs: int = 10
+    max_steps: Optional[int] = None
+    batch_size: int = 4
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    val_fraction: float = 0.2
+    seed: int = 0
+    resume: Optional[str] = None
+    device: str = "auto"
+    axis: str = "auto"
+    balanced: bool = False
+    augment: bool = True
+    image_size: Optional[int] = None
+    checkpoint: Optional[str] = None  # default: <output>.checkpoint.safetensors
+    val_data: object = None  # validation dataset(s) instead of a split of `data`
+
+    def checkpoint_path(self) -> Path:
+        if self.checkpoint:
+            return Path(self.checkpoint)
+        output = Path(self.output)
+        name = output.name[: -len(".safetensors")] if output.name.endswith(".safetensors") else output.name
+        return output.with_name(name + ".checkpoint.safetensors")
+
+    def fingerprint(self) -> dict:
+        """What a resumed run must share with the run that wrote the checkpoint."""
+        keys = ("base", "text_encoder", "batch_size", "lr", "weight_decay", "seed", "axis", "balanced", "augment",
+                "image_size", "val_fraction")
+        return {key: getattr(self, key) for key in keys}
+
+
+@dataclasses.dataclass
+class TrainingProgress:
+    epoch: int  # 1-based
+    epochs: int
+    step: int  # optimizer steps done
+    total_steps: int
+    loss: Optional[float]
+    val_dice: Optional[float]
+    eta_seconds: Optional[float]
+    message: str
+    samples_per_second: Optional[float] = None
+    phase: str = "train"  # "prepare", "train", "validate", "done"
+
+
+@dataclasses.dataclass
+class TrainingResult:
+    adapter_path: Path
+    checkpoint_path: Path
+    val_dice: dict  # label -> Dice (blank-is-1 reading) of the kept adapter
+    val_dice_classic: dict  # label -> Dice over slices whose truth is not empty (None if none)
+    history: list  # one dict per epoch
+    steps: int
+    epochs_done: int
+    samples_per_second: float
+    summary: dict
+
+
+# --- distributed ----------------------------------------------------------------------------------------------------
+
+
+def _distributed():
+    """(rank, world size), initialising torch.distributed when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    return dist.get_rank(), world
+
+
+# --- batches --------------------------------------------------------------------------------------------------------
+
+
+def _epoch_order(count: int, seed: int, epoch: int, weights: Optional[np.ndarray]) -> np.ndarray:
+    generator = np.random.default_rng([seed, epoch])
+    if weights is None:
+        return generator.permutation(count)
+    return generator.choice(count, size=count, replace=True, p=weights / weights.sum())
+
+
+def _balance_weights(bank: SliceBank) -> np.ndarray:
+    """Slice weights so that every label is present on about as many sampled slices as it is absent from."""
+    present = bank.present.astype(np.float64)
+    positives = present.sum(0).clip(min=1)
+    negatives = (1 - present).sum(0).clip(min=1)
+    per_label = present / positives + (1 - present) / negatives
+    return per_label.mean(1)
+
+
+def _augment(images: torch.Tensor, masks: torch.Tensor, generator: torch.Generator):
+    """Light augmentation: contrast/brightness jitter and a small rotation, scaling and shift (image and masks
+    together). No flips: labels such as 'kidney_left' are lateral."""
+    count = images.shape[0]
+    angle = (torch.rand(count, generator=generator) - 0.5) * math.radians(20)
+    scale = 1 + (torch.rand(count, generator=generator) - 0.5) * 0.2
+    shift = (torch.rand(count, 2, generator=generator) - 0.5) * 0.1
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    images = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    masks = (F.grid_sample(masks, grid, mode="bilinear", padding_mode="zeros", align_corners=False) > 0.5).float()
+    contrast = 1 + (torch.rand(count, 1, 1, 1, generator=generator) - 0.5) * 0.2
+    brightness = (torch.rand(count, 1, 1, 1, generator=generator) - 0.5) * 20
+    return (images * contrast + brightness).clamp(0, 255), masks
+
+
+def _batch_tensors(model, bank: SliceBank, indices, augment_generator=None):
+    """Normalised inputs (B, 3, S, S) and targets (B, L, S, S) for bank rows `indices`."""
+    indices = np.sort(np.asarray(indices))  # memory-mapped banks read faster in order
+    images = torch.from_numpy(np.asarray(bank.images[indices])).float()
+    masks = torch.from_numpy(np.asarray(bank.masks[indices])).float()
+    size = model.image_size
+    valid = torch.zeros(len(indices), 1, size, size)
+    for row, (h, w) in enumerate(bank.content[indices]):
+        valid[row, :, :h, :w] = 1
+    if augment_generator is not None:
+        images, masks = _augment(images, masks, augment_generator)
+        valid = (F.grid_sample(valid, F.affine_grid(torch.eye(2, 3)[None].repeat(len(indices), 1, 1), list(valid.shape),
+                                                      align_corners=False), align_corners=False) > 0.5).float()
+    mean = model.pixel_mean.cpu().view(1, -1, 1, 1)
+    std = model.pixel_std.cpu().view(1, -1, 1, 1)
+    inputs = (images - mean) / std * valid  # padding is zero after normalisation, as SAM pads
+    return inputs, masks
+
+
+def _logits_for(network, inputs, text, label_count):
+    """Logits of every (slice, label) pair, upsampled to the input size: (B, L, S, S). `network` is the model or
+    its DistributedDataParallel wrapper (whose gradient synchronisation needs the call to go through forward)."""
+    count = inputs.shape[0]
+    logits = network(inputs, text, every_label=True)
+    logits = F.interpolate(logits.float(), size=inputs.shape[-2:], mode="bilinear", align_corners=False)
+    return logits.view(count, label_count, *inputs.shape[-2:])
+
+
+# --- validation -----------------------------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def validate(model, bank: SliceBank, text, device, batch_size=4, cancel=None):
+    """Per-label Dice over validation slices at model resolution (content area only): the blank-is-1 reading
+    (an empty prediction of an empty truth scores 1) and the classic one over slices whose truth is not empty."""
+    labels = bank.label_names
+    blank_scores = [[] for _ in labels]
+    classic_scores = [[] for _ in labels]
+    was_training = model.training
+    model.eval()
+    try:
+        for first in range(0, len(bank), batch_size):
+            if cancel is not None and cancel.is_set():
+                raise Cancelled("training cancelled during validation")
+            rows = np.arange(first, min(first + batch_size, len(bank)))
+            inputs, masks = _batch_tensors(model, bank, rows)
+            with autocast(device):
+                logits = _logits_for(model, inputs.to(device), text, len(labels))
+            predicted = (logits > 0).cpu()
+            for row, (h, w) in zip(rows, bank.content[rows]):
+                for label in range(len(labels)):
+                    if not bank.scored[row, label]:  # not annotated in this case's dataset
+                        continue
+                    p = predicted[row - first, label, :h, :w]
+                    t = masks[row - first, label, :h, :w] > 0.5
+                    total = int(p.sum()) + int(t.sum())
+                    dice = 1.0 if total == 0 else 2.0 * int((p & t).sum()) / total
+                    blank_scores[label].append(dice)
+                    if t.any():
+                        classic_scores[label].append(dice)
+    finally:
+        model.train(was_training)
+    mean = lambda values: float(np.mean(values)) if values else None  # noqa: E731
+    return ({name: mean(s) for name, s in zip(labels, blank_scores)},
+            {name: mean(s) for name, s in zip(labels, classic_scores)})
+
+
+# --- checkpoints ----------------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(path, model, optimizer, state: dict):
+    """Trainable tensors + optimizer moments (safetensors) + progress (JSON metadata); atomic."""
+    from safetensors.torch import save_file
+
+    tensors = {f"model.{name}": t.detach().float().cpu().contiguous() for name, t in model.trainable_state().items()}
+    names = {id(p): name for name, p in model.named_parameters()}
+    optimizer_steps = {}
+    for group in optimizer.param_groups:
+        for parameter in group["params"]:
+            moments = optimizer.state.get(parameter, {})
+            name = names[id(parameter)]
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in moments:
+                    tensors[f"optimizer.{key}.{name}"] = moments[key].detach().float().cpu().contiguous()
+            if "step" in moments:
+                optimizer_steps[name] = float(moments["step"])
+    state = dict(state, optimizer_steps=optimizer_steps)
+    with atomic_output(path, suffix=".safetensors") as temporary:
+        save_file(tensors, str(temporary), metadata={"ssam-checkpoint": json.dumps(state)})
+
+
+def load_checkpoint(path, model, optimizer) -> dict:
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise SSAMError(f"checkpoint {path} does not exist; give the .checkpoint.safetensors file a run left behind")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            raw = (handle.metadata() or {}).get("ssam-checkpoint")
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except Exception as error:
+        raise SSAMError(f"checkpoint {path} is damaged ({error}); resume from an earlier one or start again") from None
+    if not raw:
+        raise SSAMError(f"{path} is not an SSAM training checkpoint (an adapter cannot be resumed; start a new run)")
+    state = json.loads(raw)
+    parameters = dict(model.named_parameters())
+    expected = set(model.trainable_names())
+    stored = {key[len("model."):] for key in tensors if key.startswith("model.")}
+    if stored != expected:
+        raise SSAMError(f"checkpoint {path} was written for another model ({len(stored ^ expected)} tensors differ)")
+    with torch.no_grad():
+        for name in expected:
+            parameters[name].copy_(tensors[f"model.{name}"])
+    for group in optimizer.param_groups:
+        for parameter in group["params"]:
+            name = next(n for n, p in parameters.items() if p is parameter)
+            if name in state["optimizer_steps"]:
+                optimizer.state[parameter] = {
+                    "step": torch.tensor(state["optimizer_steps"][name]),
+                    "exp_avg": tensors[f"optimizer.exp_avg.{name}"].to(parameter.device),
+                    "exp_avg_sq": tensors[f"optimizer.exp_avg_sq.{name}"].to(parameter.device),
+                }
+    return state
+
+
+# --- the loop -------------------------------------------------------------------------------------------------------
+
+
+def _open_all(data, labels):
+    """A dataset from a folder, a Dataset, or a list of either (combined)."""
+    from .datasets import Dataset, combine_datasets, open_dataset
+
+    items = data if isinstance(data, (list, tuple)) else [data]
+    if not items:
+        raise SSAMError("no training data given; name a dataset folder")
+    opened = [item if isinstance(item, Dataset) else open_dataset(item, labels=labels) for item in items]
+    dataset = combine_datasets(opened)
+    return _restrict(dataset, labels) if labels else dataset
+
+
+def _restrict(dataset, labels):
+    wanted = {label_key(name) for name in labels}
+    names = [name for name in dataset.label_names if label_key(name) in wanted]
+    missing = sorted(wanted - {label_key(name) for name in names})
+    if missing:
+        raise SSAMError(f"label(s) {', '.join(missing)} are not in the dataset (it has {', '.join(dataset.label_names)})")
+    for case in dataset.cases:
+        case.label_names = names
+    dataset.label_names = names
+    return dataset
+
+
+def _prepare_data(config):
+    """(dataset, training cases, validation cases). Validation cases come from `val_data` when given, else from a
+    seeded split by case of each training dataset."""
+    from .datasets import split_cases
+
+    dataset = _open_all(config.data, config.labels)
+    if config.val_data:
+        val = _open_all(config.val_data, None)
+        trained = {label_key(n): n for n in dataset.label_names}
+        shared = [trained[label_key(n)] for n in val.label_names if label_key(n) in trained]
+        if not shared:
+            raise SSAMError(f"the validation data has none of the training labels ({', '.join(dataset.label_names)})")
+        val_cases = list(val.cases)
+        for case in val_cases:
+            own = getattr(case, "annotated", None) or val.label_names
+            case.annotated = frozenset(trained[label_key(n)] for n in own if label_key(n) in trained)
+            case._read = _renamed(case._read, trained)
+            case.label_names = list(dataset.label_names)
+        return dataset, list(dataset.cases), val_cases
+    groups = {}
+    for case in dataset.cases:
+        groups.setdefault(getattr(case, "source", ""), []).append(case)
+    train_cases, val_cases = [], []
+    for cases in groups.values():
+        t, v = split_cases(cases, config.val_fraction, config.seed)
+        train_cases += t
+        val_cases += v
+    return dataset, train_cases, val_cases
+
+
+def _renamed(read, names_by_key):
+    def read_with_training_names():
+        image, masks = read()
+        return image, {names_by_key.get(label_key(n), n): m for n, m in masks.items()}
+    return read_with_training_names
+
+
+def train(config: TrainingConfig, progress: Optional[Callable[[TrainingProgress], None]] = None,
+          cancel=None) -> TrainingResult:
+    from .datasets import split_record
+    from .loading import load
+
+    started = time.time()
+    rank, world = _distributed()
+    report = progress if (progress and rank == 0) else (lambda update: None)
+    output = check_writable(config.output)
+    checkpoint_path = check_writable(config.checkpoint_path())
+    if config.batch_size < world:
+        raise SSAMError(f"batch size {config.batch_size} is smaller than the {world} training processes")
+    if config.epochs < 1:
+        raise SSAMError("--epochs must be at least 1")
+    dataset, train_cases, val_cases = _prepare_data(config)
+    labels = dataset.label_names
+    device = select_device(config.device)
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+        torch.cuda.set_device(device)
+    model = load(base=config.base, text_encoder=config.text_encoder, image_size=config.image_size, device=device)
+    text = model.text_embeddings(labels)  # encoded once; stored in the adapter
+
+    def prepare(cases, what):
+        def step(fraction, message):
+            report(TrainingProgress(0, config.epochs, 0, 0, None, None, None, f"{what}: {message}", phase="prepare"))
+        return build_slice_bank(cases, labels, model.image_size, config.axis, progress=step, cancel=cancel)
+
+    train_bank = prepare(train_cases, "preparing training slices")
+    val_bank = prepare(val_cases, "preparing validation slices") if rank == 0 else None
+    if len(train_bank) == 0:
+        raise SSAMError("the training cases have no slice with signal; check the images")
+
+    weights = _balance_weights(train_bank) if config.balanced else None
+    steps_per_epoch = math.ceil(len(train_bank) / config.batch_size)
+    total_steps = steps_per_epoch * config.epochs
+    if config.max_steps:
+        total_steps = min(total_steps, config.max_steps)
+
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    reduced = autocast_dtype(device)
+    scaler = torch.amp.GradScaler(device.type, enabled=reduced == torch.float16)
+    state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best": None, "history": [], "elapsed": 0.0,
+             "fingerprint": config.fingerprint(), "cases": split_record(train_cases, val_cases, config.seed, config.val_fraction), "labels": labels}
+    if config.resume:
+        resumed = load_checkpoint(config.resume, model, optimizer)
+        for key in ("fingerprint", "cases", "labels"):
+            if resumed.get(key) != json.loads(json.dumps(state[key])):
+                raise SSAMError(f"checkpoint {config.resume} was made with different {key} "
+                                f"({resumed.get(key)}); resume with the same data and options")
+        state.update({k: resumed[k] for k in ("epoch", "step_in_epoch", "global_step", "best", "history", "elapsed")})
+
+    network = model
+    if world > 1:
+        network = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    model.train()
+    step_times = []
+    run_start = time.time()
+
+    def interrupted(reason):
+        if rank == 0:
+            save_checkpoint(checkpoint_path, model, optimizer, dict(state, elapsed=state["elapsed"] + time.time() - run_start))
+        return Cancelled(f"{reason}; resume with --resume {checkpoint_path}")
+
+    try:
+        while state["epoch"] < config.epochs and state["global_step"] < total_steps:
+            epoch = state["epoch"]
+            order = _epoch_order(len(train_bank), config.seed, epoch, weights)
+            losses = []
+            while state["step_in_epoch"] < steps_per_epoch and state["global_step"] < total_steps:
+                if cancel is not None and cancel.is_set():
+                    raise interrupted("training cancelled")
+                tick = time.perf_counter()
+                first = state["step_in_epoch"] * config.batch_size
+                rows = order[first:first + config.batch_size][rank::world]
+                generator = torch.Generator().manual_seed(config.seed * 1_000_003 + state["global_step"])
+                inputs, targets = _batch_tensors(model, train_bank, rows, generator if config.augment else None)
+                with autocast(device):
+                    logits = _logits_for(network, inputs.to(device), text, len(labels))
+                loss = ssam_loss(logits, targets.to(device))
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                losses.append(loss.item())
+                state["step_in_epoch"] += 1
+                state["global_step"] += 1
+                step_times.append(time.perf_counter() - tick)
+                per_step = float(np.mean(step_times[-20:]))
+                remaining = (total_steps - state["global_step"]) * per_step
+                report(TrainingProgress(epoch + 1, config.epochs, state["global_step"], total_steps, float(np.mean(losses[-10:])),
+                                        state["history"][-1]["val_dice"] if state["history"] else None, remaining,
+                                        f"epoch {epoch + 1}/{config.epochs}",
+                                        samples_per_second=len(rows) * world * len(labels) / per_step))
+            epoch_done = state["step_in_epoch"] >= steps_per_epoch
+            record = {"epoch": epoch + 1, "step": state["global_step"], "loss": float(np.mean(losses)) if losses else None}
+            if rank == 0:
+                if val_bank is not None and len(val_bank):
+                    report(TrainingProgress(epoch + 1, config.epochs, state["global_step"], total_steps, record["loss"],
+                                            None, None, "validating", phase="validate"))
+                    dice, classic = validate(model, val_bank, text, device, cancel=cancel)
+                    record.update(val_dice=float(np.mean(list(dice.values()))), val_dice_per_label=dice,
+                                  val_dice_classic_per_label=classic)
+                else:
+                    record.update(val_dice=None, val_dice_per_label={}, val_dice_classic_per_label={})
+                score = record["val_dice"]
+                improved = state["best"] is None or (score is not None and score > state["best"]["val_dice"])
+                if improved or score is None:
+                    state["best"] = record
+                    _save_adapter(model, output, config, dataset, state, record, train_bank, val_bank, started)
+            state["history"].append(record)
+            if epoch_done:
+                state["epoch"] += 1
+                state["step_in_epoch"] = 0
+            if rank == 0:
+                save_checkpoint(checkpoint_path, model, optimizer, dict(state, elapsed=state["elapsed"] + time.time() - run_start))
+    except KeyboardInterrupt:
+        raise interrupted("training interrupted (Ctrl-C)") from None
+    if world > 1:
+        torch.distributed.barrier()  # every process ends together, after rank 0's last validation and writes
+
+    best = state["best"] or {}
+    per_step = float(np.mean(step_times)) if step_times else float("nan")
+    return TrainingResult(
+        adapter_path=output, checkpoint_path=checkpoint_path,
+        val_dice=best.get("val_dice_per_label", {}), val_dice_classic=best.get("val_dice_classic_per_label", {}),
+        history=state["history"], steps=state["global_step"], epochs_done=state["epoch"],
+        samples_per_second=config.batch_size * len(labels) / per_step if step_times else float("nan"),
+        summary=_summary(config, dataset, state, best, train_bank, val_bank, started),
+    )
+
+
+def _summary(config, dataset, state, best, train_bank, val_bank, started):
+    return {
+        "data": str(dataset.root) if dataset.root else "in memory",
+        "layout": dataset.layout,
+        "labels": dataset.label_names,
+        "train_cases": state["cases"].get("train"),
+        "val_cases": state["cases"].get("val"),
+        "train_slices": len(train_bank),
+        "val_slices": len(val_bank) if val_bank is not None else 0,
+        "epochs": best.get("epoch"),
+        "steps": best.get("step"),
+        "batch_size": config.batch_size,
+        "lr": config.lr,
+        "seed": config.seed,
+        "axis": config.axis,
+        "val_dice": best.get("val_dice"),
+        "val_dice_per_label": best.get("val_dice_per_label"),
+        "val_dice_classic_per_label": best.get("val_dice_classic_per_label"),
+        "trained_at": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime()),
+        "train_seconds": round(state["elapsed"] + time.time() - started, 1),
+    }
+
+
+def _save_adapter(model, output, config, dataset, state, record, train_bank, val_bank, started):
+    was_training = model.training
+    model.save_adapter(output, _summary(config, dataset, state, record, train_bank, val_bank, started))
+    model.train(was_training)

@@ -1,0 +1,178 @@
+"""`ssam train`: arguments, a progress bar with loss and validation Dice, the metrics CSV, the curves PNG, the final
+table. Ctrl-C asks the training to stop after the current step (a second Ctrl-C stops at once); either way a
+resumable checkpoint is left and the adapter file is never partial."""
+
+import csv
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from .atomic_file import atomic_output
+from .devices import DEVICE_CHOICES
+
+
+def add_arguments(parser):
+    from .bases import BASES
+    from .slice_geometry import AXES
+    from .text_encoders import TEXT_ENCODERS
+
+    parser.add_argument("data", nargs="+", help="dataset folder(s): nnU-Net/MSD (dataset.json), "
+                                                "images/+masks/+labels.json, or images with .seg.nrrd segmentations; "
+                                                "several folders of different kinds are combined")
+    parser.add_argument("--val-data", nargs="+", help="validation dataset folder(s) instead of holding out cases")
+    parser.add_argument("--output", required=True, help="adapter file to write, e.g. my.adapter.safetensors")
+    parser.add_argument("--base", choices=sorted(BASES), default="litemedsam")
+    parser.add_argument("--text-encoder", choices=sorted(TEXT_ENCODERS), default="minilm-l6")
+    parser.add_argument("--labels", help="comma-separated subset of the dataset's labels (default: all)")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
+    parser.add_argument("--batch-size", type=int, default=4, help="slices per step (each with all its labels)")
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--val-fraction", type=float, default=0.2, help="share of cases held out for validation")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--resume", help="checkpoint to continue from (<output>.checkpoint.safetensors)")
+    parser.add_argument("--device", default="auto", help=f"one of {', '.join(DEVICE_CHOICES)} or cuda:N")
+    parser.add_argument("--axis", choices=AXES, default="auto", help="slice axis of 3D images")
+    parser.add_argument("--image-size", type=int, help="input size for SAM ViT bases (multiple of 16)")
+    parser.add_argument("--balanced", action="store_true", help="sample slices so small/rare labels are seen as "
+                                                                "often present as absent")
+    parser.add_argument("--no-augment", action="store_true", help="no intensity and small geometric jitter")
+
+
+def run(args) -> int:
+    from .training import TrainingConfig, train
+
+    config = TrainingConfig(
+        data=args.data, output=args.output, base=args.base, text_encoder=args.text_encoder,
+        labels=[x.strip() for x in args.labels.split(",") if x.strip()] if args.labels else None,
+        epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
+        val_fraction=args.val_fraction, val_data=args.val_data, seed=args.seed, resume=args.resume, device=args.device, axis=args.axis,
+        balanced=args.balanced, augment=not args.no_augment, image_size=args.image_size,
+    )
+    cancel = threading.Event()
+    display = _Display()
+
+    def stop_after_step(signum, frame):
+        if cancel.is_set():
+            raise KeyboardInterrupt
+        cancel.set()
+        print("\nstopping after this step (Ctrl-C again to stop now)...", file=sys.stderr)
+
+    previous = signal.signal(signal.SIGINT, stop_after_step)
+    try:
+        result = train(config, progress=display.update, cancel=cancel)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        display.close()
+    if not display.is_main:
+        return 0
+    metrics = Path(args.output).with_suffix("").with_suffix(".metrics.csv")
+    curves = metrics.with_suffix("").with_suffix(".curves.png")
+    write_metrics_csv(metrics, result.history, display.losses)
+    write_curves_png(curves, result.history, display.losses)
+    print(format_result_table(result))
+    print(f"adapter     {result.adapter_path}")
+    print(f"checkpoint  {result.checkpoint_path} (continue with --resume)")
+    print(f"metrics     {metrics}\ncurves      {curves}")
+    print(f"speed       {result.samples_per_second:.2f} samples/s ((slice, label) pairs)")
+    return 0
+
+
+class _Display:
+    """A tqdm bar fed by TrainingProgress updates; also records the loss per step for the curves."""
+
+    def __init__(self):
+        import os
+
+        self.bar = None
+        self.losses = []
+        self.is_main = int(os.environ.get("RANK", "0")) == 0
+
+    def update(self, update):
+        from tqdm import tqdm
+
+        if update.phase == "prepare":
+            print(update.message, file=sys.stderr)
+            return
+        if self.bar is None:
+            self.bar = tqdm(total=update.total_steps, file=sys.stderr, unit="step", dynamic_ncols=True, disable=None)
+        if update.phase == "train" and update.loss is not None and update.step > len(self.losses):
+            self.losses.append((update.step, update.loss))
+        self.bar.n = update.step
+        fields = [update.message]
+        if update.loss is not None:
+            fields.append(f"loss {update.loss:.4f}")
+        if update.val_dice is not None:
+            fields.append(f"val Dice {update.val_dice:.3f}")
+        if update.phase == "validate":
+            fields.append("validating")
+        self.bar.set_postfix_str(", ".join(fields), refresh=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def write_metrics_csv(path, history, step_losses):
+    labels = sorted({name for record in history for name in (record.get("val_dice_per_label") or {})})
+    with atomic_output(path, suffix=".csv") as temporary, open(temporary, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["kind", "epoch", "step", "loss", "val_dice"] + [f"dice:{name}" for name in labels]
+                        + [f"dice_classic:{name}" for name in labels])
+        for step, loss in step_losses:
+            writer.writerow(["step", "", step, f"{loss:.6f}", ""] + [""] * 2 * len(labels))
+        for record in history:
+            dice = record.get("val_dice_per_label") or {}
+            classic = record.get("val_dice_classic_per_label") or {}
+            fmt = lambda v: "" if v is None else f"{v:.4f}"  # noqa: E731
+            writer.writerow(["epoch", record["epoch"], record["step"], fmt(record.get("loss")), fmt(record.get("val_dice"))]
+                            + [fmt(dice.get(n)) for n in labels] + [fmt(classic.get(n)) for n in labels])
+
+
+def write_curves_png(path, history, step_losses, size=(900, 420)):
+    """Training loss per step (left axis) and mean validation Dice per epoch (right axis), drawn with Pillow."""
+    from PIL import Image, ImageDraw
+
+    width, height = size
+    left, right, top, bottom = 60, 60, 30, 40
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    draw.rectangle([left, top, width - right, height - bottom], outline="black")
+    draw.text((left, 8), "training loss (blue, left) and validation Dice (orange, right)", fill="black")
+    last_step = max([s for s, _ in step_losses] + [r["step"] for r in history] + [1])
+    x = lambda step: left + (width - left - right) * step / last_step  # noqa: E731
+    if step_losses:
+        top_loss = max(loss for _, loss in step_losses) or 1.0
+        y = lambda v: height - bottom - (height - top - bottom) * v / top_loss  # noqa: E731
+        if len(step_losses) > 1:
+            draw.line([(x(s), y(v)) for s, v in step_losses], fill=(31, 119, 180), width=2)
+        draw.text((5, top), f"{top_loss:.3f}", fill=(31, 119, 180))
+        draw.text((5, height - bottom - 10), "0", fill=(31, 119, 180))
+    dice = [(r["step"], r["val_dice"]) for r in history if r.get("val_dice") is not None]
+    if dice:
+        y = lambda v: height - bottom - (height - top - bottom) * v  # noqa: E731
+        points = [(x(s), y(v)) for s, v in dice]
+        if len(points) > 1:
+            draw.line(points, fill=(255, 127, 14), width=2)
+        for px, py in points:
+            draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=(255, 127, 14))
+        draw.text((width - right + 5, top), "1.0", fill=(255, 127, 14))
+        draw.text((width - right + 5, height - bottom - 10), "0.0", fill=(255, 127, 14))
+    draw.text((left, height - bottom + 8), "step 0", fill="black")
+    draw.text((width - right - 60, height - bottom + 8), f"step {last_step}", fill="black")
+    with atomic_output(path, suffix=".png") as temporary:
+        image.save(temporary, format="PNG")
+
+
+def format_result_table(result) -> str:
+    lines = [f"{'label':<28}{'val Dice':>10}{'classic':>10}"]
+    for name, value in result.val_dice.items():
+        classic = result.val_dice_classic.get(name)
+        lines.append(f"{name:<28}{'-' if value is None else f'{value:.3f}':>10}"
+                     f"{'-' if classic is None else f'{classic:.3f}':>10}")
+    if not result.val_dice:
+        lines.append("(no validation cases: the adapter of the last epoch was kept)")
+    lines.append("val Dice: blank prediction of a blank truth scores 1 (S-SAM's reading); classic: only slices "
+                 "where the label is present")
+    return "\n".join(lines)

@@ -123,8 +123,10 @@ def _as_2d(image: sitk.Image) -> sitk.Image:
 
 
 def _describe_grid(image: sitk.Image) -> str:
-    return (f"size {'x'.join(str(v) for v in image.GetSize())}, spacing "
-            f"{'x'.join(f'{v:.4g}' for v in image.GetSpacing())}, origin ({', '.join(f'{v:.4g}' for v in image.GetOrigin())})")
+    size = "x".join(str(v) for v in image.GetSize())
+    spacing = "x".join(f"{v:.4g}" for v in image.GetSpacing())
+    origin = ", ".join(f"{v:.4g}" for v in image.GetOrigin())
+    return f"size {size}, spacing {spacing}, origin ({origin})"
 
 
 def evaluate_case(prediction_masks, reference_masks) -> Dict[str, object]:
@@ -230,11 +232,16 @@ def _read_label_file(path: Path, label_map) -> Tuple[sitk.Image, np.ndarray, Lis
     present = _label_values(array, str(path))
     present = present[present != 0]
     sidecar = sidecar_path(path)
+    specs = None
     if sidecar.is_file():
-        specs = _label_specs(label_mapping(str(sidecar)), str(sidecar))
-    elif label_map is not None:
+        try:
+            specs = _label_specs(label_mapping(str(sidecar)), str(sidecar))
+        except SSAMError as error:  # a JSON of another kind (e.g. a BIDS sidecar): the label map given decides
+            if label_map is None:
+                raise SSAMError(f"{error} (or name the values with --label-map)") from None
+    if specs is None and label_map is not None:
         specs = _label_specs(label_mapping(label_map), "the label map")
-    else:
+    if specs is None:
         specs = [_LabelSpec(str(int(value)), [int(value)]) for value in present]
     return image, array, specs, present
 
@@ -320,8 +327,8 @@ def _case_files(folder: Path) -> "OrderedDict[str, Path]":
                 chosen[case] = candidates[0]
                 break
             if len(candidates) > 1:
-                raise SSAMError(f"case {case!r} has several files in {folder} ({', '.join(p.name for p in candidates)});"
-                                f" keep one per case")
+                names = ", ".join(p.name for p in candidates)
+                raise SSAMError(f"case {case!r} has several files in {folder} ({names}); keep one per case")
     return chosen
 
 

@@ -140,6 +140,12 @@ def test_load_masks_from_label_maps_with_sidecar_json_or_name_value(tmp_path):
     with pytest.raises(SSAMError, match="NAME=VALUE"):
         load_masks(bare, ["liver=one"])
 
+    # A same-named JSON of another kind (a BIDS-style sidecar) does not hide the label map given.
+    (tmp_path / "bare.json").write_text(json.dumps({"Manufacturer": "ACME", "SliceThickness": 1.0}))
+    assert list(load_masks(bare, ["liver=1"])) == ["liver"]
+    with pytest.raises(SSAMError, match="--label-map"):
+        load_masks(bare)
+
 
 def test_evaluate_two_files_seg_nrrd_against_label_map(tmp_path):
     truth = OrderedDict(liver=on_grid(cube()), spleen=on_grid(cube(start=(0, 0, 0), size=4)))

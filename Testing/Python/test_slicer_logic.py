@@ -1,0 +1,581 @@
+"""The Slicer module's Logic and its Qt-free glue, against real MRML classes from slicer-core.
+
+Volumes are loaded with Slicer's own reader (vtkMRMLVolumeArchetypeStorageNode) where slicer-core has one, so the
+RAS/LPS and (k, j, i) conventions are checked against Slicer itself, not against this code's own idea of them.
+Segments are checked through the segmentation's own binary labelmap (its voxels and its image-to-world matrix).
+"""
+
+import collections
+import importlib
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+slicer = pytest.importorskip("slicer")
+vtk = pytest.importorskip("vtk")
+from vtk.util import numpy_support  # noqa: E402
+
+from SSAMSegmentLib import Cancelled, SSAMError, background_task, slicer_nodes  # noqa: E402
+from SSAMSegmentLib.image_io import same_geometry  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "SSAMSegment"))
+SSAMSegment = importlib.import_module("SSAMSegment")
+Logic = SSAMSegment.SSAMSegmentLogic
+
+TINY = dict(adapter=None, base="test-vit", device="cpu")  # random-weight test model: fast, offline
+
+
+# --- scene helpers ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def logic():
+    """One Logic for the module: its in-process model is loaded once."""
+    return Logic()
+
+
+@pytest.fixture
+def scene():
+    scene = slicer.vtkMRMLScene()
+    slicer_nodes.ensure_segmentation_support(scene)
+    return scene
+
+
+def matrix_to_vtk(array):
+    matrix = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            matrix.SetElement(r, c, float(array[r][c]))
+    return matrix
+
+
+def add_volume(scene, array_kji, ijk_to_ras, name="volume", cls="vtkMRMLScalarVolumeNode"):
+    """A volume node from a numpy array in Slicer's (k, j, i[, c]) order and an IJK-to-RAS matrix."""
+    array = np.ascontiguousarray(array_kji)
+    components = array.shape[3] if array.ndim == 4 else 1
+    image = vtk.vtkImageData()
+    image.SetDimensions(array.shape[2], array.shape[1], array.shape[0])
+    image.AllocateScalars(numpy_support.get_vtk_array_type(array.dtype), components)
+    numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())[:] = array.reshape(-1, components).squeeze()
+    node = scene.AddNewNodeByClass(cls, name)
+    node.SetIJKToRASMatrix(matrix_to_vtk(ijk_to_ras))
+    node.SetAndObserveImageData(image)
+    return node
+
+
+def read_volume(scene, path, cls="vtkMRMLScalarVolumeNode"):
+    """Load a file the way Slicer does (ITK reader inside vtkMRMLVolumeArchetypeStorageNode)."""
+    node = scene.AddNewNodeByClass(cls, Path(path).name)
+    storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+    storage.SetFileName(str(path))
+    if cls == "vtkMRMLLabelMapVolumeNode":
+        storage.SetCenterImage(0)
+    assert storage.ReadData(node), f"Slicer could not read {path}"
+    node.SetAndObserveStorageNodeID(storage.GetID())
+    return node
+
+
+def oblique_matrix(spacing=(0.7, 0.9, 2.5), origin=(12.5, -30.25, 7.0)):
+    """An IJK-to-RAS matrix with a rotation about all three axes (no axis aligned)."""
+    a, b, c = np.radians([20.0, -35.0, 50.0])
+    rx = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
+    ry = np.array([[np.cos(b), 0, np.sin(b)], [0, 1, 0], [-np.sin(b), 0, np.cos(b)]])
+    rz = np.array([[np.cos(c), -np.sin(c), 0], [np.sin(c), np.cos(c), 0], [0, 0, 1]])
+    matrix = np.eye(4)
+    matrix[:3, :3] = (rz @ ry @ rx) * np.asarray(spacing)[None, :]
+    matrix[:3, 3] = origin
+    return matrix
+
+
+def ellipsoid(shape, center, radii):
+    k, j, i = np.ogrid[: shape[0], : shape[1], : shape[2]]
+    return (((k - center[0]) / radii[0]) ** 2 + ((j - center[1]) / radii[1]) ** 2
+            + ((i - center[2]) / radii[2]) ** 2 <= 1.0).astype(np.uint8)
+
+
+def masks_on(image, arrays):
+    masks = collections.OrderedDict()
+    for name, array in arrays.items():
+        mask = sitk.GetImageFromArray(array.astype(np.uint8))
+        mask.CopyInformation(image)
+        masks[name] = mask
+    return masks
+
+
+def segment_labelmap(segmentation_node, segment_id):
+    """(voxels (k, j, i) of this segment only, extent, image-to-world 4x4) as the segmentation stores them."""
+    segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
+    labelmap = slicer.vtkOrientedImageData()
+    assert slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(
+        segmentation_node, segment_id, labelmap, False)
+    matrix = vtk.vtkMatrix4x4()
+    labelmap.GetImageToWorldMatrix(matrix)
+    world = np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+    extent = labelmap.GetExtent()
+    if labelmap.IsEmpty():
+        return np.zeros((0, 0, 0), np.uint8), extent, world
+    shape = (extent[5] - extent[4] + 1, extent[3] - extent[2] + 1, extent[1] - extent[0] + 1)
+    values = numpy_support.vtk_to_numpy(labelmap.GetPointData().GetScalars()).reshape(shape)
+    return (values == segment.GetLabelValue()).astype(np.uint8), extent, world
+
+
+def assert_segment_equals(segmentation_node, segment_id, volume_node, expected_kji):
+    """The stored segment is `expected_kji` on exactly the volume's voxel grid."""
+    values, extent, world = segment_labelmap(segmentation_node, segment_id)
+    np.testing.assert_allclose(world, slicer_nodes.ijk_to_ras(volume_node), atol=1e-9)
+    full = np.zeros_like(expected_kji)
+    if values.size:
+        assert extent[0] >= 0 and extent[2] >= 0 and extent[4] >= 0
+        full[extent[4]:extent[5] + 1, extent[2]:extent[3] + 1, extent[0]:extent[1] + 1] = values
+    np.testing.assert_array_equal(full, expected_kji)
+
+
+def segment_names(segmentation_node):
+    segmentation = segmentation_node.GetSegmentation()
+    return [segmentation.GetNthSegment(n).GetName() for n in range(segmentation.GetNumberOfSegments())]
+
+
+def reference_volume(segmentation_node):
+    return segmentation_node.GetNodeReference(slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole())
+
+
+# --- volume node -> SimpleITK image -------------------------------------------------------------------------------
+
+
+@pytest.mark.data
+def test_ct_volume_read_by_slicer_gives_the_file_image(scene, data_dir):
+    path = data_dir / "totalsegmentator-ct" / "example_ct_sm.nii.gz"
+    volume = read_volume(scene, path)
+    image = slicer_nodes.image_from_volume_node(volume)
+    expected = sitk.ReadImage(str(path))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(expected))
+    assert same_geometry(image, expected, tolerance=1e-6)
+
+
+def test_oblique_volume_read_by_slicer_gives_the_file_image(scene, tmp_path):
+    """An oblique NRRD written by SimpleITK (LPS) and read by Slicer (RAS) comes back with the same geometry."""
+    rng = np.random.default_rng(0)
+    expected = sitk.GetImageFromArray(rng.integers(-1000, 1000, (7, 11, 13)).astype(np.int16))
+    matrix = oblique_matrix()
+    direction_lps = np.diag([-1.0, -1.0, 1.0]) @ (matrix[:3, :3] / np.linalg.norm(matrix[:3, :3], axis=0))
+    expected.SetDirection(direction_lps.reshape(-1).tolist())
+    expected.SetSpacing([0.7, 0.9, 2.5])
+    expected.SetOrigin([-12.5, 30.25, 7.0])
+    sitk.WriteImage(expected, str(tmp_path / "oblique.nrrd"))
+    volume = read_volume(scene, tmp_path / "oblique.nrrd")
+    np.testing.assert_allclose(slicer_nodes.ijk_to_ras(volume), matrix, atol=1e-6)
+    image = slicer_nodes.image_from_volume_node(volume)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(expected))
+    assert same_geometry(image, expected, tolerance=1e-6)
+    # The same voxel is at the same place: Slicer's RAS point = LPS point with x, y negated.
+    for index in [(0, 0, 0), (12, 10, 6), (3, 7, 2)]:
+        ras = matrix @ np.array(list(index) + [1.0])
+        lps = image.TransformIndexToPhysicalPoint(index)
+        np.testing.assert_allclose([-lps[0], -lps[1], lps[2]], ras[:3], atol=1e-6)
+
+
+@pytest.mark.data
+def test_rgb_picture_becomes_a_2d_rgb_image(scene, data_dir):
+    """An endoscopy frame as Slicer holds it (vector volume, one slice, LPS-identity axes) -> the picture in 2D."""
+    path = sorted((data_dir / "kvasir-seg-5" / "images").iterdir())[0]
+    picture = sitk.ReadImage(str(path))
+    rgb = sitk.GetArrayFromImage(picture)  # (rows, columns, 3)
+    volume = add_volume(scene, rgb[None], np.diag([-1.0, -1.0, 1.0, 1.0]), "frame", "vtkMRMLVectorVolumeNode")
+    image = slicer_nodes.image_from_volume_node(volume)
+    assert image.GetDimension() == 2 and image.GetNumberOfComponentsPerPixel() == 3
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), rgb)
+
+
+def test_rgb_volume_keeps_its_components(scene):
+    rng = np.random.default_rng(1)
+    rgb = rng.integers(0, 255, (4, 9, 10, 3)).astype(np.uint8)
+    volume = add_volume(scene, rgb, oblique_matrix(), "rgb", "vtkMRMLVectorVolumeNode")
+    image = slicer_nodes.image_from_volume_node(volume)
+    assert image.GetDimension() == 3 and image.GetNumberOfComponentsPerPixel() == 3
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), rgb)
+
+
+def test_volume_without_voxels_is_a_clear_error(scene):
+    volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "empty")
+    with pytest.raises(SSAMError, match="has no voxels"):
+        slicer_nodes.image_from_volume_node(volume)
+
+
+# --- masks -> segments --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["scalar", "oblique", "rgb"])
+def test_masks_become_named_coloured_segments_on_the_volume_grid(scene, kind):
+    shape = (9, 30, 34)
+    matrix = np.diag([0.8, 0.8, 2.0, 1.0]) if kind == "scalar" else oblique_matrix()
+    if kind == "rgb":
+        array = np.random.default_rng(2).integers(0, 255, shape + (3,)).astype(np.uint8)
+        volume = add_volume(scene, array, matrix, "rgb volume", "vtkMRMLVectorVolumeNode")
+    else:
+        array = np.random.default_rng(2).integers(-100, 300, shape).astype(np.int16)
+        volume = add_volume(scene, array, matrix, f"{kind} volume")
+    image = slicer_nodes.image_from_volume_node(volume)
+    liver = ellipsoid(shape, (4, 12, 12), (3, 8, 9))
+    spleen = ellipsoid(shape, (5, 18, 25), (2, 5, 5))
+    tumour = np.zeros(shape, np.uint8)  # an absent label still gets its (empty) segment
+    segmentation, ids = Logic().writeMasks(masks_on(image, {"liver": liver, "spleen": spleen, "tumour": tumour}),
+                                           volume)
+    assert list(ids) == ["liver", "spleen", "tumour"]
+    assert segment_names(segmentation) == ["liver", "spleen", "tumour"]
+    assert reference_volume(segmentation) is volume
+    assert segmentation.GetName() == f"{volume.GetName()} segmentation"
+    for name, expected in (("liver", liver), ("spleen", spleen), ("tumour", tumour)):
+        assert_segment_equals(segmentation, ids[name], volume, expected)
+    colours = [tuple(segmentation.GetSegmentation().GetSegment(i).GetColor()) for i in ids.values()]
+    assert len(set(colours)) == 3
+    assert colours[0] == pytest.approx((221 / 255, 130 / 255, 101 / 255), abs=1e-4)  # Slicer's liver colour
+
+
+def test_segmenting_again_adds_never_overwrites_unless_asked(scene):
+    shape = (6, 20, 20)
+    volume = add_volume(scene, np.zeros(shape, np.int16), oblique_matrix())
+    image = slicer_nodes.image_from_volume_node(volume)
+    first = ellipsoid(shape, (3, 8, 8), (2, 4, 4))
+    second = ellipsoid(shape, (3, 12, 12), (2, 5, 5))
+    logic = Logic()
+    segmentation, ids = logic.writeMasks(masks_on(image, {"liver": first}), volume)
+    old_id = ids["liver"]
+    old_colour = segmentation.GetSegmentation().GetSegment(old_id).GetColor()
+    user_id = segmentation.GetSegmentation().AddEmptySegment("", "Spine", [0.1, 0.2, 0.3])  # drawn by the user
+
+    _node, again = logic.writeMasks(masks_on(image, {"Liver": second}), volume, segmentation)
+    assert segment_names(segmentation) == ["liver", "Spine", "Liver 2"]
+    assert_segment_equals(segmentation, old_id, volume, first)  # untouched
+    assert_segment_equals(segmentation, again["Liver"], volume, second)
+    assert segmentation.GetSegmentation().GetSegment(again["Liver"]).GetColor() != old_colour
+
+    _node, replaced = logic.writeMasks(masks_on(image, {"LIVER": second}), volume, segmentation, replaceExisting=True)
+    assert segment_names(segmentation) == ["liver", "Spine", "Liver 2"]  # same place, same name
+    assert segmentation.GetSegmentation().GetSegment(old_id) is None
+    new_id = replaced["LIVER"]
+    assert segmentation.GetSegmentation().GetSegmentIndex(new_id) == 0
+    assert segmentation.GetSegmentation().GetSegment(new_id).GetColor() == pytest.approx(old_colour)
+    assert_segment_equals(segmentation, new_id, volume, second)
+    assert segmentation.GetSegmentation().GetSegment(user_id).GetName() == "Spine"
+
+
+def test_a_failed_write_leaves_the_scene_as_it_was(scene):
+    shape = (5, 16, 16)
+    volume = add_volume(scene, np.zeros(shape, np.int16), np.diag([1.0, 1.0, 2.0, 1.0]))
+    image = slicer_nodes.image_from_volume_node(volume)
+    good = masks_on(image, {"liver": ellipsoid(shape, (2, 8, 8), (2, 4, 4))})
+    wrong = sitk.Image([16, 16, 4], sitk.sitkUInt8)  # one slice short: another grid
+    masks = collections.OrderedDict([("liver", good["liver"]), ("spleen", wrong)])
+    logic = Logic()
+    with pytest.raises(SSAMError, match="not on the grid"):
+        logic.writeMasks(masks, volume)
+    assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 0  # no empty node left behind
+
+    existing, _ids = logic.writeMasks(good, volume)
+    with pytest.raises(SSAMError, match="not on the grid"):
+        logic.writeMasks(masks, volume, existing)
+    assert segment_names(existing) == ["liver"]
+
+
+def test_failure_while_adding_segments_rolls_back(scene, monkeypatch):
+    shape = (5, 16, 16)
+    volume = add_volume(scene, np.zeros(shape, np.int16), np.diag([1.0, 1.0, 2.0, 1.0]))
+    image = slicer_nodes.image_from_volume_node(volume)
+    segmentation, _ids = Logic().writeMasks(masks_on(image, {"liver": ellipsoid(shape, (2, 8, 8), (2, 4, 4))}), volume)
+    calls = []
+    real = slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment
+
+    class FailingSecondWrite:
+        MODE_REPLACE = slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE
+
+        @staticmethod
+        def SetBinaryLabelmapToSegment(*args):
+            calls.append(args[2])
+            return real(*args) if len(calls) == 1 else False
+
+    monkeypatch.setattr(slicer, "vtkSlicerSegmentationsModuleLogic", FailingSecondWrite)
+    masks = masks_on(image, {"spleen": ellipsoid(shape, (2, 4, 4), (1, 2, 2)), "kidney": ellipsoid(shape, (2, 12, 12), (1, 2, 2))})
+    with pytest.raises(SSAMError, match="could not write the mask of 'kidney'"):
+        slicer_nodes.write_segments(masks, segmentation, volume, image=image)
+    assert segment_names(segmentation) == ["liver"]
+
+
+def test_segmentation_goes_with_the_volume_in_hierarchy_and_transform(scene):
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    study = hierarchy.CreateStudyItem(hierarchy.CreateSubjectItem(hierarchy.GetSceneItemID(), "patient"), "study")
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "registration")
+    transform.SetMatrixTransformToParent(matrix_to_vtk(np.array(
+        [[0, -1, 0, 5.0], [1, 0, 0, -3.0], [0, 0, 1, 12.0], [0, 0, 0, 1]])))
+    shape = (4, 10, 12)
+    volume = add_volume(scene, np.zeros(shape, np.int16), np.diag([1.0, 1.0, 3.0, 1.0]))
+    volume.SetAndObserveTransformNodeID(transform.GetID())
+    hierarchy.CreateItem(study, volume)
+    image = slicer_nodes.image_from_volume_node(volume)
+    segmentation, ids = Logic().writeMasks(masks_on(image, {"liver": ellipsoid(shape, (2, 5, 6), (1, 3, 3))}), volume)
+    assert hierarchy.GetItemParent(hierarchy.GetItemByDataNode(segmentation)) == study
+    assert segmentation.GetTransformNodeID() == transform.GetID()
+
+
+def test_segments_land_at_the_volume_voxels_through_different_transforms(scene):
+    """A user's segmentation under another linear transform receives masks mapped into its own coordinates."""
+    shape = (4, 10, 12)
+    volume = add_volume(scene, np.zeros(shape, np.int16), np.diag([1.0, 1.0, 3.0, 1.0]))
+    moved = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "moved")
+    moved.SetMatrixTransformToParent(matrix_to_vtk(np.array(
+        [[1, 0, 0, 10.0], [0, 1, 0, 0.0], [0, 0, 1, -4.0], [0, 0, 0, 1]])))
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "user segmentation")
+    segmentation.SetAndObserveTransformNodeID(moved.GetID())
+    segmentation.GetSegmentation().AddEmptySegment("", "drawn", [1, 0, 0])
+    image = slicer_nodes.image_from_volume_node(volume)
+    expected = ellipsoid(shape, (2, 5, 6), (1, 3, 3))
+    _node, ids = Logic().writeMasks(masks_on(image, {"liver": expected}), volume, segmentation)
+    values, extent, world = segment_labelmap(segmentation, ids["liver"])
+    # segmentation coordinates + (10, 0, -4) = world = volume coordinates
+    shift = np.eye(4)
+    shift[:3, 3] = [-10.0, 0.0, 4.0]
+    np.testing.assert_allclose(world, shift @ slicer_nodes.ijk_to_ras(volume), atol=1e-9)
+    back = slicer_nodes.segment_masks(segmentation, volume, [ids["liver"]])["liver"]
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(back), expected)
+
+
+# --- segmenting with the Logic ------------------------------------------------------------------------------------
+
+
+def phantom(scene, matrix=None):
+    """A CT-like phantom: a bright 'organ' in soft tissue, 6 slices."""
+    shape = (6, 48, 56)
+    array = np.full(shape, -1000, np.int16)
+    array[ellipsoid(shape, (3, 24, 28), (9, 20, 24)).astype(bool)] = 40
+    array[ellipsoid(shape, (3, 22, 22), (9, 9, 10)).astype(bool)] = 160
+    return add_volume(scene, array, np.diag([0.9, 0.9, 2.5, 1.0]) if matrix is None else matrix, "phantom")
+
+
+@pytest.mark.slow
+def test_logic_segments_a_volume_in_process(scene, logic):
+    volume = phantom(scene, oblique_matrix((0.9, 0.9, 2.5)))
+    progress = []
+    segmentation, ids, result = logic.segment(volume, ["liver", "spleen"], progress=lambda f, m: progress.append(f),
+                                                **TINY)
+    assert list(ids) == ["liver", "spleen"] and segment_names(segmentation) == ["liver", "spleen"]
+    assert reference_volume(segmentation) is volume
+    assert progress and progress[-1] == pytest.approx(1.0)
+    for label, segment_id in ids.items():
+        assert_segment_equals(segmentation, segment_id, volume, sitk.GetArrayFromImage(result.masks[label]))
+
+
+def test_logic_cancel_leaves_no_segmentation(scene, logic):
+    volume = phantom(scene)
+
+    class CancelAtOnce:
+        def is_set(self):
+            return True
+
+    with pytest.raises(Cancelled):
+        logic.segment(volume, ["liver"], cancel=CancelAtOnce(), **TINY)
+    assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 0
+
+
+@pytest.mark.slow
+def test_background_segmentation_writes_the_child_result(scene, logic):
+    volume = phantom(scene, oblique_matrix((0.9, 0.9, 2.5)))
+    task = logic.startSegmentation(volume, ["liver", "spleen"], python=sys.executable, **TINY)
+    events = []
+    task.wait(timeout=300, on_event=events.append)
+    assert any(e["event"] == "progress" and e["fraction"] == pytest.approx(1.0) for e in events)
+    child_masks = background_task.segmentation_masks(task)
+    segmentation, ids, empty, summary = logic.finishSegmentation(task, volume)
+    task.cleanup()
+    assert not task.folder.exists()
+    assert list(ids) == ["liver", "spleen"] and segment_names(segmentation) == ["liver", "spleen"]
+    assert reference_volume(segmentation) is volume
+    for label, segment_id in ids.items():
+        assert same_geometry(child_masks[label], slicer_nodes.image_from_volume_node(volume))
+        assert_segment_equals(segmentation, segment_id, volume, sitk.GetArrayFromImage(child_masks[label]))
+    assert empty == [label for label, mask in child_masks.items() if not sitk.GetArrayViewFromImage(mask).any()]
+    assert "slices" in summary
+
+
+def test_background_cancel_stops_within_a_slice_and_writes_nothing(scene):
+    shape = (400, 40, 40)
+    array = np.random.default_rng(3).integers(0, 500, shape).astype(np.int16)
+    volume = add_volume(scene, array, np.diag([1.0, 1.0, 1.0, 1.0]), "long")
+    task = Logic().startSegmentation(volume, ["liver"], python=sys.executable, **TINY)
+    cancelled_at = None
+    slices_after_cancel = []
+    deadline = time.monotonic() + 300
+    while not task.finished and time.monotonic() < deadline:
+        for event in task.poll():
+            if event["event"] == "progress" and event["message"].startswith("slice"):
+                if cancelled_at is None:
+                    task.cancel()
+                    cancelled_at = time.monotonic()
+                else:
+                    slices_after_cancel.append(event["message"])
+        time.sleep(0.02)
+    assert task.cancelled and "cancelled" in task.error
+    assert time.monotonic() - cancelled_at < 5.0
+    assert len(slices_after_cancel) <= 2  # the slice(s) already under way, then it stops
+    assert not (task.folder / "masks").exists()
+    with pytest.raises(SSAMError):
+        background_task.segmentation_masks(task)
+    task.cleanup()
+    assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 0
+
+
+def test_background_errors_are_one_line(tmp_path):
+    image = sitk.Image([8, 8, 3], sitk.sitkInt16)
+    task = background_task.start_segmentation(image, ["liver"], adapter=tmp_path / "missing.adapter.safetensors",
+                                              python=sys.executable)
+    with pytest.raises(SSAMError) as raised:
+        task.wait(timeout=120)
+    assert "missing.adapter.safetensors" in str(raised.value) and "\n" not in str(raised.value)
+    assert not task.cancelled
+    task.cleanup()
+
+
+def test_background_process_that_dies_is_reported(tmp_path):
+    """A child that crashes without a word (killed, out of memory) is an error naming the exit code."""
+    task = background_task.start_download("sam_vit_b", python=sys.executable)
+    task._process.kill()
+    with pytest.raises(SSAMError, match="stopped unexpectedly"):
+        task.wait(timeout=30)
+    task.cleanup()
+
+
+@pytest.mark.slow
+def test_child_stops_when_slicer_goes_away(tmp_path):
+    """No orphan: a job whose parent process has ended stops at its next slice."""
+    script = tmp_path / "parent.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(REPO)!r})
+        import numpy as np, SimpleITK as sitk
+        from SSAMSegmentLib import background_task
+        image = sitk.GetImageFromArray(np.random.default_rng(0).integers(0, 500, (2000, 32, 32)).astype(np.int16))
+        task = background_task.start_segmentation(image, ["liver"], adapter=None, base="test-vit", device="cpu")
+        import time
+        while not any(e["event"] == "progress" and e["message"].startswith("slice") for e in task.poll()):
+            time.sleep(0.05)
+        print(task._process.pid, task.folder, flush=True)
+    """))
+    parent = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    pid, folder = parent.stdout.split()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(int(pid), 9)
+        pytest.fail("the background process kept running after its parent ended")
+    events = (Path(folder) / "events.jsonl").read_text()
+    assert '"cancelled": true' in events
+
+
+# --- fine-tuning from the scene -----------------------------------------------------------------------------------
+
+
+@pytest.mark.data
+def test_scene_pairs_become_training_cases(scene, data_dir):
+    """Real CT slices with a liver label map drawn in Slicer: the case's mask is that label map."""
+    folder = data_dir / "dcmqi-ct-3slice"
+    liver = read_volume(scene, folder / "liver_seg.nrrd", "vtkMRMLLabelMapVolumeNode")
+    volume = read_volume(scene, folder / "liver_seg.nrrd")  # the label map's grid stands in for the CT series
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "drawn")
+    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(liver, segmentation, "")
+    segmentation.GetSegmentation().GetNthSegment(0).SetName("liver")
+    scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "no reference")  # not a pair
+
+    pairs = Logic.scenePairs(scene)
+    assert pairs == [(volume, segmentation)]
+    cases = Logic.trainingCases(pairs)
+    case_id, image, masks = cases[0]
+    assert list(masks) == ["liver"]
+    expected = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "liver_seg.nrrd"))) > 0
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(masks["liver"]), expected.astype(np.uint8))
+    assert same_geometry(masks["liver"], image)
+    with pytest.raises(SSAMError, match="none of the segmentations has a segment named spleen"):
+        Logic.trainingCases(pairs, ["spleen"])
+    with pytest.raises(SSAMError, match="no volume with a segmentation"):
+        Logic.trainingCases([])
+
+
+@pytest.mark.slow
+def test_background_training_from_scene_pairs(scene, tmp_path, logic):
+    pairs = []
+    for number in range(3):
+        volume = phantom(scene)
+        volume.SetName(f"phantom {number}")
+        image = slicer_nodes.image_from_volume_node(volume)
+        organ = (sitk.GetArrayFromImage(image) > 100).astype(np.uint8)
+        segmentation, _ids = logic.writeMasks(masks_on(image, {"organ": organ}), volume)
+        pairs.append((volume, segmentation))
+    output = tmp_path / "adapters" / "phantom.adapter.safetensors"
+    task = logic.startTraining(output, pairs=pairs, base="test-vit", epochs=1, device="cpu", python=sys.executable,
+                               max_steps=2, batch_size=2, val_fraction=0.34)
+    rows = []
+    result = task.wait(timeout=600, on_event=lambda e: rows.append(e) if e["event"] == "training" else None)
+    task.cleanup()
+    assert Path(result["adapter_path"]) == output and output.is_file()
+    assert rows and all({"epoch", "step", "total_steps", "loss"} <= set(row) for row in rows)
+    assert logic.adapterInfo(output)["labels"] == ["organ"]
+
+
+# --- small Logic helpers ------------------------------------------------------------------------------------------
+
+
+def test_dependency_list_comes_from_pyproject_with_torch_apart():
+    torch_requirements, others = Logic.pythonRequirements()
+    assert [r.split(">")[0] for r in torch_requirements] == ["torch", "torchvision"]
+    assert "numpy>=1.24" in others and not any(r.startswith("torch") for r in others)
+    assert Logic.torchVersionRequirement(torch_requirements) == ">=2.1"
+    assert Logic.missingRequirements(others) == []  # this environment has them all
+    assert Logic.missingRequirements(["numpy>=999", "no-such-package-ssam>=1", "SimpleITK"]) == [
+        "numpy>=999", "no-such-package-ssam>=1"]
+
+
+def test_label_text_and_adapter_names(tmp_path, monkeypatch):
+    assert Logic.parseLabels(" liver, spleen;; kidney left\n") == ["liver", "spleen", "kidney left"]
+    assert Logic.parseLabels("") == []
+    monkeypatch.setenv("SSAM_CACHE_DIR", str(tmp_path))
+    logic = Logic()
+    path = logic.newAdapterPath("my liver/ct")
+    assert path == tmp_path / "adapters" / "my liver-ct.adapter.safetensors"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"")
+    with pytest.raises(SSAMError, match="already exists"):
+        logic.newAdapterPath("my liver/ct")
+    with pytest.raises(SSAMError, match="give the new adapter a name"):
+        logic.newAdapterPath(" ./ ")
+    assert logic.adapterChoices([str(tmp_path / "gone.adapter.safetensors")]) == [path]
+
+
+def test_weights_needed_follow_the_adapter(tmp_path, monkeypatch):
+    import torch
+
+    import SSAMSegmentLib
+
+    model = SSAMSegmentLib.load(base="test-vit", weights="none", device="cpu")
+    model.labels.add("liver", torch.zeros(model.text_dim))
+    path = model.save_adapter(tmp_path / "tiny.adapter.safetensors")
+    logic = Logic()
+    assert logic.adapterInfo(path)["labels"] == ["liver"]
+    assert logic.weightsNeeded(path, ["liver", "spleen"]) == []
+    monkeypatch.setattr(Logic, "adapterInfo", lambda self, a: {"base": "sam_vit_b", "text_encoder": "clip-vit-b-32",
+                                                               "labels": ["liver"]})
+    assert logic.weightsNeeded("x", ["Liver"]) == ["sam_vit_b"]
+    assert logic.weightsNeeded("x", ["liver", "spleen"]) == ["sam_vit_b", "clip-vit-b-32"]
+    monkeypatch.setenv("SSAM_CACHE_DIR", str(tmp_path))
+    assert [w.id for w in Logic.missingWeights(["sam_vit_b"])] == ["sam_vit_b"]

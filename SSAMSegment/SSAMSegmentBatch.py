@@ -1,0 +1,166 @@
+"""Segment image files without the GUI: one .seg.nrrd per input, a summary line per case.
+
+    Slicer --no-main-window --python-script SSAMSegmentBatch.py --input FILE_OR_FOLDER --label gland [--label ...]
+        --output FOLDER [--adapter FILE] [--device auto|cpu|gpu|cuda|mps] [--axis auto|axial|coronal|sagittal]
+
+The same script runs under any Python that has SSAM Segment's packages (python SSAMSegmentBatch.py ...).
+A folder input means every image file in it (NIfTI, NRRD, MHA, PNG, JPEG, TIFF, BMP) and every sub-folder (a DICOM
+series). Exit code: 0 when every case succeeded, 1 when any failed (the others are still done and written),
+2 for bad arguments (nothing is done), 130 when interrupted. The segmentation itself is SSAMSegmentLib.segment_file,
+the same function as `ssam segment`; outputs are written only once complete.
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+_SCRIPT = Path(globals().get("__file__") or sys.argv[0]).resolve()
+# Installed, SSAMSegmentLib sits next to this script; in the source tree it is one folder up.
+for _folder in (_SCRIPT.parent, _SCRIPT.parent.parent):
+    if (_folder / "SSAMSegmentLib").is_dir():
+        if str(_folder) not in sys.path:
+            sys.path.insert(0, str(_folder))
+        break
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+AXES = ("auto", "axial", "coronal", "sagittal")
+
+
+class UsageError(Exception):
+    """Bad arguments: reported with the usage line, exit code 2, nothing done."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse would call sys.exit, which does not end Slicer
+        raise UsageError(message)
+
+    def exit(self, status=0, message=None):  # --help
+        if message:
+            print(message, file=sys.stderr)
+        raise SystemExit(status)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="SSAMSegmentBatch.py", description="Segment image files by label name with SSAM Segment.")
+    parser.add_argument("--input", required=True, help="an image file, a DICOM series folder, or a folder of images")
+    parser.add_argument("--label", action="append", required=True,
+                        help="structure name; repeat (or separate with commas) for several")
+    parser.add_argument("--output", required=True, help="folder for the .seg.nrrd files (created if needed)")
+    parser.add_argument("--adapter", default="default", help="adapter file (default: the adapter shipped with SSAM Segment)")
+    parser.add_argument("--device", default="auto", help="auto (default), cpu, gpu, cuda, cuda:N or mps")
+    parser.add_argument("--axis", choices=AXES, default="auto", help="slice axis (default: auto)")
+    return parser
+
+
+def find_inputs(path: Path):
+    """The cases of an --input: the file itself, a DICOM folder, or the images and series folders in a folder."""
+    from SSAMSegmentLib.image_io import has_image_suffix
+
+    if not path.exists():
+        raise UsageError(f"input {path} does not exist")
+    if path.is_file():
+        return [path]
+    entries = sorted(path.iterdir())
+    images = [p for p in entries if p.is_file() and has_image_suffix(p) and not p.name.lower().endswith(".dcm")]
+    series = [p for p in entries if p.is_dir() and not p.name.startswith(".")]
+    if not images and not series:
+        # A folder of DICOM files (or nothing usable): the folder itself is the one case.
+        if any(p.is_file() and not p.name.startswith(".") for p in entries):
+            return [path]
+        raise UsageError(f"input folder {path} has no images; give an image file or a folder of images")
+    return images + series
+
+
+def output_paths(inputs, folder: Path):
+    from SSAMSegmentLib.segment_files import default_output
+
+    outputs = [default_output(item, folder) for item in inputs]
+    seen = {}
+    for item, output in zip(inputs, outputs):
+        if output in seen:
+            raise UsageError(f"{seen[output].name} and {item.name} would both be written to {output.name}; "
+                             f"rename one of them")
+        seen[output] = item
+    return outputs
+
+
+def device_name(text: str) -> str:
+    """'gpu' is the CUDA GPU, or Apple's MPS on a Mac."""
+    if text.strip().lower() == "gpu":
+        return "mps" if sys.platform == "darwin" else "cuda"
+    return text
+
+
+def run(argv) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        labels = [part.strip() for label in args.label for part in label.split(",") if part.strip()]
+        if not labels:
+            raise UsageError("--label is empty; name the structure to segment, e.g. --label liver")
+        output_folder = Path(args.output).expanduser()
+        if output_folder.exists() and not output_folder.is_dir():
+            raise UsageError(f"--output {output_folder} is a file; give a folder")
+        try:
+            import SSAMSegmentLib
+            from SSAMSegmentLib import SSAMError
+        except ImportError as error:
+            print(f"SSAM Segment's Python packages are missing ({error}); in Slicer, open the SSAM Segment module "
+                  f"once and agree to install them", file=sys.stderr)
+            return EXIT_USAGE
+        inputs = find_inputs(Path(args.input).expanduser())
+        outputs = output_paths(inputs, output_folder)
+        try:
+            model = SSAMSegmentLib.load(adapter=args.adapter, device=device_name(args.device), merge=True)
+        except SSAMError as error:
+            raise UsageError(str(error)) from None
+        try:
+            output_folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise UsageError(f"cannot create the output folder {output_folder} ({error.strerror or error})") from None
+    except UsageError as error:
+        print(build_parser().format_usage().strip(), file=sys.stderr)
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except SystemExit as done:  # --help
+        return int(done.code or 0)
+
+    print(f"SSAM Segment: {len(inputs)} case(s), labels {', '.join(labels)}, model {model.spec.id}, "
+          f"device {model.device}", flush=True)
+    failed = []
+    for item, output in zip(inputs, outputs):
+        start = time.perf_counter()
+        try:
+            result = SSAMSegmentLib.segment_file(model, item, labels, output, axis=args.axis)
+        except KeyboardInterrupt:
+            print(f"cancelled during {item.name}; its output was not written", flush=True)
+            return EXIT_INTERRUPTED
+        except SSAMError as error:
+            failed.append(item.name)
+            print(f"FAILED {item.name}: {error}", flush=True)
+            continue
+        except Exception as error:  # a bug, but the remaining cases are still worth doing
+            failed.append(item.name)
+            print(f"FAILED {item.name}: internal error ({type(error).__name__}: {error})", flush=True)
+            continue
+        print(f"OK     {item.name} -> {output} ({time.perf_counter() - start:.1f} s): {result.summary()}", flush=True)
+    done = len(inputs) - len(failed)
+    print(f"{done} of {len(inputs)} case(s) segmented" + (f"; failed: {', '.join(failed)}" if failed else ""),
+          flush=True)
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def finish(code: int) -> None:
+    """End the process with `code`: slicer.util.exit inside Slicer (sys.exit would not end it), sys.exit outside."""
+    try:
+        import slicer
+    except ImportError:
+        slicer = None
+    if slicer is not None and getattr(slicer, "app", None) is not None:
+        slicer.util.exit(code)
+    else:
+        sys.exit(code)
+
+
+if __name__ == "__main__":
+    finish(run(sys.argv[1:]))

@@ -51,6 +51,7 @@ class TrainingConfig:
     image_size: Optional[int] = None
     checkpoint: Optional[str] = None  # default: <output>.checkpoint.safetensors
     val_data: object = None  # validation dataset(s) instead of a split of `data`
+    micro_batch: Optional[int] = None  # slices per forward/backward pass; default 1 on CPU, batch_size on GPU
 
     def checkpoint_path(self) -> Path:
         if self.checkpoint:
@@ -128,21 +129,27 @@ def _balance_weights(bank: SliceBank) -> np.ndarray:
     return per_label.mean(1)
 
 
-def _augment(images: torch.Tensor, masks: torch.Tensor, generator: torch.Generator):
-    """Light augmentation: contrast/brightness jitter and a small rotation, scaling and shift (image and masks
-    together). No flips: labels such as 'kidney_left' are lateral."""
+def _augment_intensity(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Contrast and brightness jitter of 0..255 slices (about +-10%)."""
     count = images.shape[0]
+    contrast = 1 + (torch.rand(count, 1, 1, 1, generator=generator) - 0.5) * 0.2
+    brightness = (torch.rand(count, 1, 1, 1, generator=generator) - 0.5) * 20
+    return (images * contrast + brightness).clamp(0, 255)
+
+
+def _augment_geometry(inputs: torch.Tensor, masks: torch.Tensor, generator: torch.Generator):
+    """A small rotation (+-10 degrees), scaling (+-10%) and shift (+-5%) of normalised inputs and their masks together;
+    uncovered pixels become 0, as SAM's padding. No flips: labels such as 'kidney_left' are lateral."""
+    count = inputs.shape[0]
     angle = (torch.rand(count, generator=generator) - 0.5) * math.radians(20)
     scale = 1 + (torch.rand(count, generator=generator) - 0.5) * 0.2
     shift = (torch.rand(count, 2, generator=generator) - 0.5) * 0.1
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
     theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
-    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
-    images = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    grid = F.affine_grid(theta, list(inputs.shape), align_corners=False)
+    inputs = F.grid_sample(inputs, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     masks = (F.grid_sample(masks, grid, mode="bilinear", padding_mode="zeros", align_corners=False) > 0.5).float()
-    contrast = 1 + (torch.rand(count, 1, 1, 1, generator=generator) - 0.5) * 0.2
-    brightness = (torch.rand(count, 1, 1, 1, generator=generator) - 0.5) * 20
-    return (images * contrast + brightness).clamp(0, 255), masks
+    return inputs, masks
 
 
 def _batch_tensors(model, bank: SliceBank, indices, augment_generator=None):
@@ -155,12 +162,12 @@ def _batch_tensors(model, bank: SliceBank, indices, augment_generator=None):
     for row, (h, w) in enumerate(bank.content[indices]):
         valid[row, :, :h, :w] = 1
     if augment_generator is not None:
-        images, masks = _augment(images, masks, augment_generator)
-        valid = (F.grid_sample(valid, F.affine_grid(torch.eye(2, 3)[None].repeat(len(indices), 1, 1), list(valid.shape),
-                                                      align_corners=False), align_corners=False) > 0.5).float()
+        images = _augment_intensity(images, augment_generator)
     mean = model.pixel_mean.cpu().view(1, -1, 1, 1)
     std = model.pixel_std.cpu().view(1, -1, 1, 1)
     inputs = (images - mean) / std * valid  # padding is zero after normalisation, as SAM pads
+    if augment_generator is not None:
+        inputs, masks = _augment_geometry(inputs, masks, augment_generator)
     return inputs, masks
 
 
@@ -171,6 +178,29 @@ def _logits_for(network, inputs, text, label_count):
     logits = network(inputs, text, every_label=True)
     logits = F.interpolate(logits.float(), size=inputs.shape[-2:], mode="bilinear", align_corners=False)
     return logits.view(count, label_count, *inputs.shape[-2:])
+
+
+def _accumulate_gradients(network, inputs, targets, text, device, scaler, micro_batch):
+    """Backpropagate the batch's mean loss in micro-batches of `micro_batch` slices; returns the loss.
+
+    The gradient is the same as for the whole batch at once (the loss is a mean over samples and the model has no
+    batch statistics: BatchNorm is frozen, the TAL uses LayerNorm), but on a CPU one slice at a time keeps TinyViT's
+    256x256 activations in cache: a batch of 4 in one pass is several times slower than 4 passes of one.
+    """
+    import contextlib
+
+    count, total = inputs.shape[0], 0.0
+    for first in range(0, count, micro_batch):
+        last = first + micro_batch >= count
+        sync = contextlib.nullcontext() if last or not hasattr(network, "no_sync") else network.no_sync()
+        with sync:
+            with autocast(device):
+                logits = _logits_for(network, inputs[first:first + micro_batch].to(device), text, len(text))
+            share = logits.shape[0] / count
+            loss = ssam_loss(logits, targets[first:first + micro_batch].to(device)) * share
+            scaler.scale(loss).backward()
+        total += loss.item()
+    return total
 
 
 # --- validation -----------------------------------------------------------------------------------------------------
@@ -374,6 +404,7 @@ def train(config: TrainingConfig, progress: Optional[Callable[[TrainingProgress]
     if config.max_steps:
         total_steps = min(total_steps, config.max_steps)
 
+    micro_batch = config.micro_batch or (1 if device.type == "cpu" else config.batch_size)
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=config.lr, weight_decay=config.weight_decay)
     reduced = autocast_dtype(device)
     scaler = torch.amp.GradScaler(device.type, enabled=reduced == torch.float16)
@@ -412,14 +443,11 @@ def train(config: TrainingConfig, progress: Optional[Callable[[TrainingProgress]
                 rows = order[first:first + config.batch_size][rank::world]
                 generator = torch.Generator().manual_seed(config.seed * 1_000_003 + state["global_step"])
                 inputs, targets = _batch_tensors(model, train_bank, rows, generator if config.augment else None)
-                with autocast(device):
-                    logits = _logits_for(network, inputs.to(device), text, len(labels))
-                loss = ssam_loss(logits, targets.to(device))
                 optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
+                loss = _accumulate_gradients(network, inputs, targets, text, device, scaler, micro_batch)
                 scaler.step(optimizer)
                 scaler.update()
-                losses.append(loss.item())
+                losses.append(loss)
                 state["step_in_epoch"] += 1
                 state["global_step"] += 1
                 step_times.append(time.perf_counter() - tick)

@@ -28,6 +28,8 @@ def add_arguments(parser):
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
     parser.add_argument("--batch-size", type=int, default=4, help="slices per step (each with all its labels)")
+    parser.add_argument("--micro-batch", type=int, help="slices per forward/backward pass (gradients accumulate over "
+                                                        "the batch; default 1 on CPU, the batch size on GPU)")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--val-fraction", type=float, default=0.2, help="share of cases held out for validation")
     parser.add_argument("--seed", type=int, default=0)
@@ -46,7 +48,7 @@ def run(args) -> int:
     config = TrainingConfig(
         data=args.data, output=args.output, base=args.base, text_encoder=args.text_encoder,
         labels=[x.strip() for x in args.labels.split(",") if x.strip()] if args.labels else None,
-        epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr,
+        epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, micro_batch=args.micro_batch, lr=args.lr,
         val_fraction=args.val_fraction, val_data=args.val_data, seed=args.seed, resume=args.resume, device=args.device, axis=args.axis,
         balanced=args.balanced, augment=not args.no_augment, image_size=args.image_size,
     )

@@ -80,6 +80,10 @@ except ImportError:  # slicer-core from PyPI (no Qt): the Logic, the batch scrip
         return text
 
 
+def _oneLine(error) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
 def _shippedFile(relativePath: str) -> Optional[Path]:
     """A file of the extension (Resources/..., pyproject.toml), installed or in the source tree."""
     for folder in (_MODULE_DIR, _MODULE_DIR.parent):
@@ -345,8 +349,8 @@ class SSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onLabelsEdited(self, text) -> None:
         """Complete the name being typed after the last comma with the adapter's labels."""
-        prefix, _separator, _current = str(text).rpartition(",")
-        lead = f"{prefix}, " if _separator else ""
+        prefix, separator, current = str(text).rpartition(",")
+        lead = prefix + separator + current[: len(current) - len(current.lstrip())]
         typed = {name.lower() for name in SSAMSegmentLogic.parseLabels(prefix)}
         choices = [lead + name for name in self._knownLabels if name.lower() not in typed]
         self._labelsCompleter.setModel(qt.QStringListModel(choices, self._labelsCompleter))
@@ -394,11 +398,16 @@ class SSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 return False
             torchLogic = PyTorchUtils.PyTorchUtilsLogic()
             version = self.logic.torchVersionRequirement(torchRequirements)
-            with slicer.util.tryWithErrorDisplay(_("Installing PyTorch failed."), waitCursor=True):
-                torch = torchLogic.installTorch(askConfirmation=True, torchVersionRequirement=version)
-                if torch is None:
-                    self.setStatus(_("PyTorch was not installed, so SSAM Segment cannot run."), error=True)
-                    return False
+            try:
+                with slicer.util.WaitCursor():
+                    torch = torchLogic.installTorch(askConfirmation=True, torchVersionRequirement=version)
+            except Exception as error:
+                self.setStatus(_("Installing PyTorch failed ({error}); restart Slicer and try again, or install it in "
+                                 "the PyTorch Utils module.").format(error=_oneLine(error)), error=True)
+                return False
+            if torch is None:
+                self.setStatus(_("PyTorch was not installed, so SSAM Segment cannot run."), error=True)
+                return False
             if self.logic.missingRequirements(torchRequirements):
                 self.setStatus(_("PyTorch {version} is installed but SSAM Segment needs {req}; update it in the "
                                  "PyTorch Utils module.").format(version=torchLogic.torch.__version__,
@@ -418,10 +427,11 @@ class SSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                         windowTitle=_("Install Python packages")):
                     self.setStatus(_("The Python packages were not installed, so SSAM Segment cannot run."), error=True)
                     return False
-                with slicer.util.tryWithErrorDisplay(_("Installing the Python packages failed."), waitCursor=True):
+                with slicer.util.WaitCursor():
                     slicer.util.pip_install(missing)
-        except RuntimeError as error:  # pip_ensure: the user declined
-            self.setStatus(str(error), error=True)
+        except Exception as error:  # declined in pip_ensure's dialog (RuntimeError), or pip failed
+            self.setStatus(_("The Python packages were not installed ({error}).").format(error=_oneLine(error)),
+                           error=True)
             return False
         still = self.logic.missingRequirements(otherRequirements)
         if still:
@@ -516,11 +526,12 @@ class SSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._pollTimer.stop()
             self._task = None
             try:
-                self.finishTask(task)
+                self.finishTask(task)  # may start the next job (a second download)
             finally:
                 task.cleanup()
-                self.ui.progressBar.hide()
-                self.ui.trainingProgressBar.hide()
+                if self._task is None:
+                    self.ui.progressBar.hide()
+                    self.ui.trainingProgressBar.hide()
                 self.updateButtons()
 
     def finishTask(self, task) -> None:
@@ -549,7 +560,6 @@ class SSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.setStatus(str(error), error=True)
                 return
             self.ui.outputSegmentationSelector.setCurrentNode(segmentation)
-            segmentation.CreateClosedSurfaceRepresentation()
             slicer.util.setSliceViewerLayers(background=context["volume"])
             names = [segmentation.GetSegmentation().GetSegment(i).GetName() for i in segmentIds.values()]
             message = _("Added {segments} to {node}.").format(segments=", ".join(names), node=segmentation.GetName())
@@ -635,11 +645,12 @@ class SSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if epoch is None:
             return
         row = table.rowCount - 1
-        if row < 0 or table.item(row, 0).text() != str(epoch):
+        if row < 0 or table.item(row, 0).text().split("/")[0] != str(epoch):
             row = table.rowCount
             table.insertRow(row)
         loss, dice = event.get("loss"), event.get("val_dice")
-        values = [str(epoch), f"{event.get('step')}/{event.get('total_steps')}",
+        epochs = event.get("epochs")
+        values = [f"{epoch}/{epochs}" if epochs else str(epoch), f"{event.get('step')}/{event.get('total_steps')}",
                   "" if loss is None else f"{loss:.4f}", "" if dice is None else f"{dice:.3f}"]
         for column, text in enumerate(values):
             if column == 3 and not text and table.item(row, 3) is not None:
@@ -922,7 +933,7 @@ class SSAMSegmentLogic(ScriptedLoadableModuleLogic):
         """TrainingConfig fields as a plain dict (it travels to the background process as JSON)."""
         from SSAMSegmentLib import SSAMError
 
-        if folder is not None and not Path(folder).is_dir():
+        if folder is not None and (not str(folder).strip() or not Path(folder).is_dir()):
             raise SSAMError(f"dataset folder '{folder}' does not exist; choose the folder with the training images")
         config = {"output": str(output), "base": base, "labels": list(labels) if labels else None,
                   "epochs": int(epochs), "device": device}

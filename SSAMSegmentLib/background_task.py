@@ -13,9 +13,10 @@ Each job gets a folder that is the whole protocol, so no thread or pipe is neede
     log.txt        the child's stdout and stderr (tracebacks of unexpected errors)
     masks/...      results (segmentation masks)
 
-The parent polls `events.jsonl` (a QTimer in the module widget; `wait()` for scripts and tests). The child is
-`python -m SSAMSegmentLib.background_task JOB_FOLDER`, with the folder holding SSAMSegmentLib first on PYTHONPATH.
-It also stops when its parent process disappears.
+The parent polls `events.jsonl` (a QTimer in the module widget; `wait()` for scripts and tests). The child runs
+`run_job(JOB_FOLDER)` in Slicer's own Python (the PythonSlicer launcher, as Slicer's pip does) or in the current
+interpreter elsewhere. It reports its process id first, so that a hard stop reaches the real interpreter behind a
+launcher, and it stops by itself when its parent process disappears.
 """
 
 import collections
@@ -23,6 +24,7 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -56,16 +58,18 @@ class BackgroundTask:
         self._offset = 0
         self._pending = b""
         self._cancel_time: Optional[float] = None
+        self._child_pid: Optional[int] = None
         job = dict(job, kind=kind, parent_pid=os.getpid())
         (self.folder / "job.json").write_text(json.dumps(job), encoding="utf-8")
         child_env = dict(os.environ if env is None else env)
-        child_env["PYTHONPATH"] = os.pathsep.join(
-            [str(LIBRARY_PARENT)] + [p for p in child_env.get("PYTHONPATH", "").split(os.pathsep) if p])
         child_env["PYTHONUNBUFFERED"] = "1"
         flags = getattr(subprocess, "CREATE_NO_WINDOW", 0) if os.name == "nt" else 0
+        # The library's folder goes on sys.path by the command itself: a launcher may rewrite PYTHONPATH.
+        code = (f"import sys; sys.path.insert(0, {str(LIBRARY_PARENT)!r}); "
+                f"from SSAMSegmentLib.background_task import run_job; sys.exit(run_job(sys.argv[1]))")
         self._log = open(self.folder / "log.txt", "wb")
         self._process = subprocess.Popen(
-            [python or sys.executable, "-m", "SSAMSegmentLib.background_task", str(self.folder)],
+            [python or python_executable(), "-c", code, str(self.folder)],
             stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, env=child_env,
             cwd=str(self.folder), creationflags=flags)
 
@@ -78,7 +82,9 @@ class BackgroundTask:
         exited = self._process.poll() is not None  # checked before reading: an exited child has written everything
         events = self._read_events()
         for event in events:
-            if event.get("event") == "done":
+            if event.get("event") == "started":
+                self._child_pid = event.get("pid")
+            elif event.get("event") == "done":
                 self.result = event.get("result") or {}
             elif event.get("event") == "error":
                 self.error = event.get("message") or f"the background {self.kind} failed"
@@ -92,7 +98,7 @@ class BackgroundTask:
             events.append({"event": "error", "message": self.error, "cancelled": self.cancelled})
         elif not self.finished and self._cancel_time is not None \
                 and time.monotonic() - self._cancel_time > KILL_AFTER_CANCEL_SECONDS:
-            self._process.kill()  # it did not reach a point where it checks for Cancel: stop it now
+            self._kill_processes()  # it did not reach a point where it checks for Cancel: stop it now
         if self.finished:
             self._close()
         return events
@@ -124,14 +130,38 @@ class BackgroundTask:
     def kill(self) -> None:
         """Stop the child at once (module closed, Slicer exiting)."""
         if self._process.poll() is None:
-            self._process.kill()
+            self._kill_processes()
             self._process.wait()
         self._close()
 
     def cleanup(self) -> None:
-        """Kill the child if needed and delete the job folder."""
+        """Stop the child if it still runs (a finished one is given a moment to exit) and delete the job folder."""
+        if self._process.poll() is None and self.finished:
+            try:
+                self._process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
         self.kill()
         shutil.rmtree(self.folder, ignore_errors=True)
+
+    def _kill_processes(self) -> None:
+        """Kill the interpreter that runs the job (behind a launcher, it is not the process started here)."""
+        self._read_started()
+        if self._child_pid and self._child_pid != self._process.pid:
+            try:
+                os.kill(self._child_pid, getattr(signal, "SIGKILL", signal.SIGTERM))
+            except OSError:
+                pass
+        if self._process.poll() is None:
+            self._process.kill()
+
+    def _read_started(self) -> None:
+        if self._child_pid is None:
+            try:
+                first = (self.folder / EVENTS).read_text(encoding="utf-8").split("\n", 1)[0]
+                self._child_pid = json.loads(first).get("pid") if first else None
+            except (OSError, ValueError):
+                pass
 
     def log_tail(self, lines: int = 3) -> str:
         try:
@@ -157,6 +187,17 @@ class BackgroundTask:
     def _close(self) -> None:
         if not self._log.closed:
             self._log.close()
+
+
+def python_executable() -> str:
+    """Slicer's Python for the child when running inside Slicer (PythonSlicer sets up its environment; Slicer's own
+    `sys.executable` is not a plain interpreter), else this interpreter."""
+    slicer = sys.modules.get("slicer")
+    if slicer is not None and getattr(slicer, "app", None) is not None:
+        launcher = shutil.which("PythonSlicer")
+        if launcher:
+            return launcher
+    return sys.executable
 
 
 def _new_folder() -> Path:
@@ -333,6 +374,7 @@ def run_job(folder) -> int:
     """Run the job described by `folder`/job.json, reporting through `folder`/events.jsonl; the exit code."""
     folder = Path(folder)
     events = _Events(folder)
+    events.emit("started", pid=os.getpid())
     try:
         job = json.loads((folder / "job.json").read_text(encoding="utf-8"))
         cancel = _CancelFlag(folder, job.get("parent_pid"))
@@ -354,10 +396,3 @@ def run_job(folder) -> int:
         return 1
     events.emit("done", result=result)
     return 0
-
-
-if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        print("usage: python -m SSAMSegmentLib.background_task JOB_FOLDER", file=sys.stderr)
-        sys.exit(2)
-    sys.exit(run_job(sys.argv[1]))

@@ -471,9 +471,7 @@ def test_child_stops_when_slicer_goes_away(tmp_path):
     pid, folder = parent.stdout.split()
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
+        if not process_running(int(pid)):
             break
         time.sleep(0.1)
     else:
@@ -579,3 +577,68 @@ def test_weights_needed_follow_the_adapter(tmp_path, monkeypatch):
     assert logic.weightsNeeded("x", ["liver", "spleen"]) == ["sam_vit_b", "clip-vit-b-32"]
     monkeypatch.setenv("SSAM_CACHE_DIR", str(tmp_path))
     assert [w.id for w in Logic.missingWeights(["sam_vit_b"])] == ["sam_vit_b"]
+
+
+def test_training_config_checks_the_folder(tmp_path):
+    config = Logic.trainingConfig(tmp_path / "a.adapter.safetensors", folder=tmp_path, labels=["liver"], epochs=3)
+    assert config == {"output": str(tmp_path / "a.adapter.safetensors"), "base": "litemedsam", "labels": ["liver"],
+                      "epochs": 3, "device": "auto", "data": str(tmp_path)}
+    for folder in ("", tmp_path / "missing"):
+        with pytest.raises(SSAMError, match="does not exist"):
+            Logic.trainingConfig(tmp_path / "a.adapter.safetensors", folder=folder)
+
+
+def test_child_python_inside_slicer_is_the_pythonslicer_launcher(tmp_path, monkeypatch):
+    """Inside Slicer, sys.executable is not a plain interpreter: jobs run with PythonSlicer from Slicer's PATH."""
+    launcher = tmp_path / "PythonSlicer"
+    launcher.write_text("#!/bin/sh\n")
+    launcher.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    assert background_task.python_executable() == sys.executable  # slicer-core: no slicer.app
+    monkeypatch.setattr(slicer, "app", object(), raising=False)
+    assert background_task.python_executable() == str(launcher)
+
+
+@pytest.mark.slow
+def test_stopping_reaches_the_interpreter_behind_a_launcher(tmp_path):
+    """PythonSlicer is a launcher that starts the real interpreter as its child: Cancel (a flag file) and a hard
+    kill must both reach that interpreter, not only the launcher."""
+    launcher = tmp_path / "launcher.sh"
+    launcher.write_text(f'#!/bin/sh\n"{sys.executable}" "$@"\nexit $?\n')  # no exec: python runs as a child
+    launcher.chmod(0o755)
+    image = sitk.GetImageFromArray(np.random.default_rng(4).integers(0, 500, (2000, 32, 32)).astype(np.int16))
+
+    def started_task():
+        task = background_task.start_segmentation(image, ["liver"], adapter=None, base="test-vit", device="cpu",
+                                                  python=str(launcher))
+        deadline = time.monotonic() + 300
+        while not any(e["event"] == "progress" and e["message"].startswith("slice") for e in task.poll()):
+            assert time.monotonic() < deadline and not task.finished, task.error
+            time.sleep(0.05)
+        assert task._child_pid and task._child_pid != task._process.pid
+        return task
+
+    task = started_task()
+    with pytest.raises(Cancelled):
+        task.cancel()
+        task.wait(timeout=60)
+    task.cleanup()
+
+    task = started_task()
+    child = task._child_pid
+    task.kill()
+    time.sleep(0.5)
+    assert not process_running(child)
+    task.cleanup()
+
+
+def process_running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan killed in a container may wait for a reaper that never comes)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False

@@ -194,7 +194,12 @@ class SSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         cacheFolder = settings.value(f"{SETTINGS}/cacheFolder", "")
         if cacheFolder:
             os.environ["SSAM_CACHE_DIR"] = cacheFolder
-        self.ui.cacheFolderPathLineEdit.currentPath = cacheFolder or str(self.logic.cacheFolder())
+        else:
+            try:
+                cacheFolder = str(self.logic.cacheFolder())
+            except ImportError:  # packages not installed yet: the default folder is shown once they are
+                cacheFolder = ""
+        self.ui.cacheFolderPathLineEdit.currentPath = cacheFolder
         defaultDevice = settings.value(f"{SETTINGS}/defaultDevice", "auto")
         self.ui.defaultDeviceComboBox.currentText = defaultDevice
         self.ui.deviceComboBox.currentText = defaultDevice
@@ -321,7 +326,7 @@ class SSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         wasBlocked = combo.blockSignals(True)
         combo.clear()
         combo.addItem(_("Default (LiteMedSAM, offline)"), SSAMSegmentLogic.DEFAULT_ADAPTER)
-        for path in self.logic.adapterChoices(self._userAdapters()):
+        for path in self.logic.adapterChoices(self._userAdapters()):  # works before the packages are installed
             combo.addItem(self.logic.adapterTitle(path), str(path))
             combo.setItemData(combo.count - 1, str(path), qt.Qt.ToolTipRole)
         last = qt.QSettings().value(f"{SETTINGS}/lastAdapter", SSAMSegmentLogic.DEFAULT_ADAPTER)
@@ -785,9 +790,15 @@ class SSAMSegmentLogic(ScriptedLoadableModuleLogic):
         return path
 
     def adapterChoices(self, userAdapters=()) -> List[Path]:
-        """Adapter files to offer: those saved in the adapters folder and those the user added, existing only."""
-        folder = self.adaptersFolder()
-        found = sorted(folder.glob("*.adapter.safetensors")) if folder.is_dir() else []
+        """Adapter files to offer: those saved in the adapters folder and those the user added, existing only.
+
+        Before the Python packages are installed the adapters folder is not known yet: the user's files are listed.
+        """
+        try:
+            folder = self.adaptersFolder()
+            found = sorted(folder.glob("*.adapter.safetensors")) if folder.is_dir() else []
+        except ImportError:
+            found = []
         for path in userAdapters:
             path = Path(path)
             if path.is_file() and path not in found:
@@ -869,18 +880,26 @@ class SSAMSegmentLogic(ScriptedLoadableModuleLogic):
                           python=None):
         """Start segmenting in a background process; poll the task, then call `finishSegmentation`."""
         from SSAMSegmentLib import background_task
-        from SSAMSegmentLib.slicer_nodes import image_from_volume_node
+        from SSAMSegmentLib.slicer_nodes import image_from_volume_node, volume_grid
 
         image = image_from_volume_node(volumeNode)
         task = background_task.start_segmentation(image, labels, adapter=adapter, base=base, device=device, axis=axis,
                                                   python=python)
         task.inputImage = image
+        task.inputGrid = volume_grid(volumeNode)
         return task
 
     def finishSegmentation(self, task, volumeNode, segmentationNode=None, replaceExisting=False):
-        """Write a finished background segmentation: (segmentation node, {label: segment ID}, empty labels, summary)."""
-        from SSAMSegmentLib import background_task
+        """Write a finished background segmentation: (segmentation node, {label: segment ID}, empty labels, summary).
 
+        Refused (nothing written) when the volume or the output segmentation changed or went away meanwhile.
+        """
+        from SSAMSegmentLib import SSAMError, background_task
+        from SSAMSegmentLib.slicer_nodes import volume_grid
+
+        if volumeNode.GetScene() is None or (hasattr(task, "inputGrid") and volume_grid(volumeNode) != task.inputGrid):
+            raise SSAMError(f"volume '{volumeNode.GetName()}' was changed or removed while it was being segmented; "
+                            f"nothing was written, run the segmentation again")
         masks = background_task.segmentation_masks(task)
         segmentation, segmentIds = self.writeMasks(masks, volumeNode, segmentationNode, replaceExisting,
                                                    getattr(task, "inputImage", None))
@@ -888,8 +907,12 @@ class SSAMSegmentLogic(ScriptedLoadableModuleLogic):
 
     def writeMasks(self, masks, volumeNode, segmentationNode=None, replaceExisting=False, image=None):
         """One segment per mask into `segmentationNode`, or into a new segmentation next to the volume."""
+        from SSAMSegmentLib import SSAMError
         from SSAMSegmentLib.slicer_nodes import new_segmentation_node, write_segments
 
+        if segmentationNode is not None and segmentationNode.GetScene() is None:
+            raise SSAMError(f"segmentation '{segmentationNode.GetName()}' is no longer in the scene; "
+                            f"choose another output segmentation")
         created = segmentationNode is None
         if created:
             segmentationNode = new_segmentation_node(volumeNode)

@@ -61,6 +61,13 @@ def ijk_to_ras(volume_node) -> np.ndarray:
     return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
 
 
+def volume_grid(volume_node) -> tuple:
+    """(dimensions, IJK-to-RAS matrix) of a volume: equal before and after means the voxel grid did not change."""
+    image_data = volume_node.GetImageData()
+    dims = tuple(image_data.GetDimensions()) if image_data is not None else None
+    return dims, tuple(ijk_to_ras(volume_node).reshape(-1).tolist())
+
+
 def volume_array(volume_node) -> np.ndarray:
     """The voxels as a numpy view (k, j, i) or (k, j, i, components); SSAMError when the node has none."""
     from vtk.util import numpy_support

@@ -153,7 +153,7 @@ def test_installed_extension_is_complete_and_finds_its_resources(tmp_path):
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stdout + run.stderr
 
 
-def test_module_loads_before_pytorch_is_installed():
+def test_module_loads_before_pytorch_is_installed(tmp_path):
     """Slicer loads the module at start-up, before the user agreed to install PyTorch: it must not import it."""
     check = textwrap.dedent(f"""
         import sys
@@ -169,6 +169,17 @@ def test_module_loads_before_pytorch_is_installed():
         torch, other = logic.pythonRequirements()
         assert logic.torchVersionRequirement(torch) == ">=2.1"
         assert logic.parseLabels("liver, spleen") == ["liver", "spleen"]
+        # What the panel shows at start-up still works: the user's adapter files, named from the file name.
+        adapter = {str(tmp_path / "my-liver.adapter.safetensors")!r}
+        open(adapter, "wb").close()
+        assert [str(p) for p in logic.adapterChoices([adapter, adapter + ".gone"])] == [adapter]
+        assert logic.adapterTitle(adapter) == "my-liver"
+        try:
+            logic.cacheFolder()
+        except ImportError:
+            pass
+        else:
+            raise AssertionError("SSAMSegmentLib imported without PyTorch: the test's import block is not working")
         print("ok")
     """)
     run = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120)

@@ -642,3 +642,23 @@ def process_running(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def test_nothing_is_written_when_the_scene_changed_during_the_run(scene):
+    """Between Apply and the end of a background run the user may resample or delete nodes: refuse, write nothing."""
+    import types
+
+    logic = Logic()
+    volume = phantom(scene)
+    started = types.SimpleNamespace(inputGrid=slicer_nodes.volume_grid(volume))
+    volume.SetSpacing(2.0, 2.0, 2.0)
+    with pytest.raises(SSAMError, match="was changed or removed while it was being segmented"):
+        logic.finishSegmentation(started, volume)
+    assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 0
+
+    image = slicer_nodes.image_from_volume_node(volume)
+    output = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "chosen output")
+    scene.RemoveNode(output)
+    with pytest.raises(SSAMError, match="is no longer in the scene"):
+        logic.writeMasks(masks_on(image, {"liver": np.zeros((6, 48, 56), np.uint8)}), volume, output)
+    assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 0

@@ -465,6 +465,8 @@ class SSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return False
 
     def onDownloadWeights(self) -> None:
+        if self._running() or not self.ensureDependencies():
+            return
         if self.ensureWeights(["sam_vit_b"], None):
             self.setStatus(_("SAM ViT-B weights are already in {folder}.").format(folder=self.logic.cacheFolder()))
 
@@ -741,8 +743,13 @@ class SSAMSegmentLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def missingRequirements(requirements) -> List[str]:
-        """The requirements not satisfied by the installed distributions (name and version range)."""
+        """The requirements not satisfied by the installed distributions (name and version range).
+
+        A package Slicer bundles without pip metadata (it can be imported, but has no version to check) counts as
+        present: installing it again from PyPI would shadow Slicer's own build.
+        """
         import importlib.metadata
+        import importlib.util
 
         from packaging.requirements import Requirement
 
@@ -754,7 +761,8 @@ class SSAMSegmentLogic(ScriptedLoadableModuleLogic):
             try:
                 installed = importlib.metadata.version(requirement.name)
             except importlib.metadata.PackageNotFoundError:
-                missing.append(str(text))
+                if importlib.util.find_spec(requirement.name.replace("-", "_")) is None:
+                    missing.append(str(text))
                 continue
             if requirement.specifier and not requirement.specifier.contains(installed, prereleases=True):
                 missing.append(str(text))

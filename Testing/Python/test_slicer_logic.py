@@ -662,3 +662,10 @@ def test_nothing_is_written_when_the_scene_changed_during_the_run(scene):
     with pytest.raises(SSAMError, match="is no longer in the scene"):
         logic.writeMasks(masks_on(image, {"liver": np.zeros((6, 48, 56), np.uint8)}), volume, output)
     assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 0
+
+
+def test_a_package_bundled_without_pip_metadata_counts_as_present(tmp_path, monkeypatch):
+    """Slicer builds some packages itself; one that imports but has no metadata must not be reinstalled from PyPI."""
+    (tmp_path / "bundled_by_slicer.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert Logic.missingRequirements(["bundled-by-slicer>=2.2", "not-bundled-either>=1"]) == ["not-bundled-either>=1"]

@@ -107,6 +107,7 @@ def test_single_picture_and_slicer_reads_the_output(data_dir, tiny_adapter, tmp_
 
 
 @pytest.mark.data
+@pytest.mark.slow
 def test_bad_arguments_exit_2_and_write_nothing(data_dir, tiny_adapter, tmp_path):
     source = data_dir / "totalsegmentator-ct" / "example_ct_sm.nii.gz"
     output = tmp_path / "out"

@@ -403,6 +403,7 @@ def test_background_segmentation_writes_the_child_result(scene, logic):
     assert "slices" in summary
 
 
+@pytest.mark.slow
 def test_background_cancel_stops_within_a_slice_and_writes_nothing(scene):
     shape = (400, 40, 40)
     array = np.random.default_rng(3).integers(0, 500, shape).astype(np.int16)

@@ -670,3 +670,19 @@ def test_a_package_bundled_without_pip_metadata_counts_as_present(tmp_path, monk
     (tmp_path / "bundled_by_slicer.py").write_text("")
     monkeypatch.syspath_prepend(str(tmp_path))
     assert Logic.missingRequirements(["bundled-by-slicer>=2.2", "not-bundled-either>=1"]) == ["not-bundled-either>=1"]
+
+
+@pytest.mark.data
+def test_masks_of_a_picture_go_back_on_its_one_slice_grid(scene, data_dir):
+    """A 2D picture's 2D masks become segments on the one-slice volume, voxel for voxel."""
+    path = sorted((data_dir / "kvasir-seg-5" / "images").iterdir())[0]
+    truth = sorted((data_dir / "kvasir-seg-5" / "masks").iterdir())[0]
+    rgb = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+    volume = add_volume(scene, rgb[None], np.diag([-1.0, -1.0, 1.0, 1.0]), "frame", "vtkMRMLVectorVolumeNode")
+    image = slicer_nodes.image_from_volume_node(volume)
+    polyp = (sitk.GetArrayFromImage(sitk.ReadImage(str(truth))) > 128)
+    polyp = polyp[..., 0] if polyp.ndim == 3 else polyp
+    segmentation, ids = Logic().writeMasks(masks_on(image, {"polyp": polyp}), volume)
+    assert_segment_equals(segmentation, ids["polyp"], volume, polyp[None].astype(np.uint8))
+    case_id, case_image, masks = slicer_nodes.training_case(volume, segmentation)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(masks["polyp"]), polyp.astype(np.uint8))

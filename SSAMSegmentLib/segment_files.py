@@ -7,16 +7,16 @@ from .errors import SSAMError
 from .image_io import read_image, strip_image_suffix
 from .slice_inference import segment_image
 
-OUTPUT_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd")
-
-
 def default_output(input_path, folder=".") -> Path:
     return Path(folder) / f"{strip_image_suffix(Path(input_path).name.rstrip('/')) or 'segmentation'}.seg.nrrd"
 
 
 def check_output_path(path) -> Path:
+    """Fail before any work when the output cannot be written as asked."""
+    from .writers import OUTPUT_SUFFIXES, output_suffix
+
     path = Path(path)
-    if not path.name.lower().endswith(OUTPUT_SUFFIXES):
+    if output_suffix(path) is None:
         raise SSAMError(f"output {path} has an unsupported type; end it with one of: {', '.join(OUTPUT_SUFFIXES)}")
     return check_writable(path)
 

@@ -385,6 +385,7 @@ def train(config: TrainingConfig, progress: Optional[Callable[[TrainingProgress]
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
         torch.cuda.set_device(device)
+    torch.manual_seed(config.seed)  # the Text Affine Layer's initial weights: a run is repeatable from its seed
     model = load(base=config.base, text_encoder=config.text_encoder, image_size=config.image_size, device=device)
     text = model.text_embeddings(labels)  # encoded once; stored in the adapter
 
@@ -423,6 +424,7 @@ def train(config: TrainingConfig, progress: Optional[Callable[[TrainingProgress]
         network = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     model.train()
     step_times = []
+    val_seconds = None
     run_start = time.time()
 
     def interrupted(reason):
@@ -440,7 +442,10 @@ def train(config: TrainingConfig, progress: Optional[Callable[[TrainingProgress]
                     raise interrupted("training cancelled")
                 tick = time.perf_counter()
                 first = state["step_in_epoch"] * config.batch_size
-                rows = order[first:first + config.batch_size][rank::world]
+                batch = order[first:first + config.batch_size]
+                if len(batch) % world:  # every process needs an equal share: wrap around to fill the last batch
+                    batch = np.concatenate([batch, order[: world - len(batch) % world]])
+                rows = batch[rank::world]
                 generator = torch.Generator().manual_seed(config.seed * 1_000_003 + state["global_step"])
                 inputs, targets = _batch_tensors(model, train_bank, rows, generator if config.augment else None)
                 optimizer.zero_grad(set_to_none=True)
@@ -452,9 +457,16 @@ def train(config: TrainingConfig, progress: Optional[Callable[[TrainingProgress]
                 state["global_step"] += 1
                 step_times.append(time.perf_counter() - tick)
                 per_step = float(np.mean(step_times[-20:]))
-                remaining = (total_steps - state["global_step"]) * per_step
+                # Honest ETA: the remaining steps, and a validation at the end of every remaining epoch (measured
+                # once it has run; before that, a forward pass costs about a third of a training step per slice).
+                validations = math.ceil((total_steps - state["global_step"] + state["step_in_epoch"]) / steps_per_epoch)
+                if val_seconds is None:
+                    val_estimate = len(val_bank or ()) * per_step / config.batch_size / 3
+                else:
+                    val_estimate = val_seconds
+                remaining = (total_steps - state["global_step"]) * per_step + validations * val_estimate
                 report(TrainingProgress(epoch + 1, config.epochs, state["global_step"], total_steps, float(np.mean(losses[-10:])),
-                                        state["history"][-1]["val_dice"] if state["history"] else None, remaining,
+                                        state["history"][-1].get("val_dice") if state["history"] else None, remaining,
                                         f"epoch {epoch + 1}/{config.epochs}",
                                         samples_per_second=len(rows) * world * len(labels) / per_step))
             epoch_done = state["step_in_epoch"] >= steps_per_epoch
@@ -463,13 +475,17 @@ def train(config: TrainingConfig, progress: Optional[Callable[[TrainingProgress]
                 if val_bank is not None and len(val_bank):
                     report(TrainingProgress(epoch + 1, config.epochs, state["global_step"], total_steps, record["loss"],
                                             None, None, "validating", phase="validate"))
+                    tick = time.perf_counter()
                     dice, classic = validate(model, val_bank, text, device, cancel=cancel)
-                    record.update(val_dice=float(np.mean(list(dice.values()))), val_dice_per_label=dice,
+                    val_seconds = time.perf_counter() - tick
+                    scored = [value for value in dice.values() if value is not None]
+                    record.update(val_dice=float(np.mean(scored)) if scored else None, val_dice_per_label=dice,
                                   val_dice_classic_per_label=classic)
                 else:
                     record.update(val_dice=None, val_dice_per_label={}, val_dice_classic_per_label={})
                 score = record["val_dice"]
-                improved = state["best"] is None or (score is not None and score > state["best"]["val_dice"])
+                best_score = (state["best"] or {}).get("val_dice")
+                improved = best_score is None or (score is not None and score > best_score)
                 if improved or score is None:
                     state["best"] = record
                     _save_adapter(model, output, config, dataset, state, record, train_bank, val_bank, started)

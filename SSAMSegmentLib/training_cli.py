@@ -82,26 +82,28 @@ def run(args) -> int:
 
 
 class _Display:
-    """A tqdm bar fed by TrainingProgress updates; also records the loss per step for the curves."""
+    """Shows TrainingProgress updates: a tqdm bar on a terminal, a plain line every ~30 s in a log file. Also records
+    the loss per step for the curves."""
 
     def __init__(self):
         import os
+        import time
 
         self.bar = None
         self.losses = []
         self.is_main = int(os.environ.get("RANK", "0")) == 0
+        self.interactive = sys.stderr.isatty()
+        self.clock = time.monotonic
+        self.last_line = 0.0
 
     def update(self, update):
         from tqdm import tqdm
 
+        if update.phase == "train" and update.loss is not None and update.step > len(self.losses):
+            self.losses.append((update.step, update.loss))
         if update.phase == "prepare":
             print(update.message, file=sys.stderr)
             return
-        if self.bar is None:
-            self.bar = tqdm(total=update.total_steps, file=sys.stderr, unit="step", dynamic_ncols=True, disable=None)
-        if update.phase == "train" and update.loss is not None and update.step > len(self.losses):
-            self.losses.append((update.step, update.loss))
-        self.bar.n = update.step
         fields = [update.message]
         if update.loss is not None:
             fields.append(f"loss {update.loss:.4f}")
@@ -109,6 +111,15 @@ class _Display:
             fields.append(f"val Dice {update.val_dice:.3f}")
         if update.phase == "validate":
             fields.append("validating")
+        if not self.interactive:
+            if update.phase == "validate" or self.clock() - self.last_line > 30 or update.step == update.total_steps:
+                eta = f", about {update.eta_seconds / 60:.0f} min left" if update.eta_seconds else ""
+                print(f"step {update.step}/{update.total_steps}: {', '.join(fields)}{eta}", file=sys.stderr, flush=True)
+                self.last_line = self.clock()
+            return
+        if self.bar is None:
+            self.bar = tqdm(total=update.total_steps, file=sys.stderr, unit="step", dynamic_ncols=True)
+        self.bar.n = update.step
         self.bar.set_postfix_str(", ".join(fields), refresh=True)
 
     def close(self):

@@ -1,0 +1,211 @@
+"""Fine-tuning: the loss, the optimised set, exact resume, cancellation, micro-batches, DDP, and learning itself."""
+
+import json
+import os
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+import SSAMSegmentLib
+from SSAMSegmentLib import Cancelled, SSAMError, TrainingConfig, train
+from SSAMSegmentLib.adapter import read_metadata
+from SSAMSegmentLib.losses import focal_loss, soft_dice_loss
+from SSAMSegmentLib.training import _accumulate_gradients, _balance_weights, _batch_tensors, load_checkpoint
+
+from conftest import REPO
+
+
+def write_disk_dataset(root, count=6, size=48, seed=0):
+    """A 2D folder dataset: grey images with a bright disk ('disk') and sometimes a dark square ('square')."""
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    yy, xx = np.indices((size, size))
+    for i in range(count):
+        cy, cx, r = rng.integers(14, size - 14, 2).tolist() + [int(rng.integers(6, 11))]
+        disk = (yy - cy) ** 2 + (xx - cx) ** 2 < r * r
+        image = rng.normal(90, 12, (size, size))
+        image[disk] += 90
+        label = disk.astype(np.uint8)
+        if i % 2:
+            square = (abs(yy - (size - cy)) < 5) & (abs(xx - (size - cx)) < 5) & ~disk
+            image[square] -= 60
+            label[square] = 2
+        sitk.WriteImage(sitk.GetImageFromArray(np.clip(image, 0, 255).astype(np.uint8)), str(root / "images" / f"c{i}.png"))
+        sitk.WriteImage(sitk.GetImageFromArray(label), str(root / "masks" / f"c{i}.png"))
+    (root / "labels.json").write_text(json.dumps({"1": "disk", "2": "square"}))
+    return root
+
+
+@pytest.fixture
+def disks(tmp_path):
+    return write_disk_dataset(tmp_path / "disks")
+
+
+def _config(disks, tmp_path, **overrides):
+    values = dict(data=str(disks), output=str(tmp_path / "out" / "disk.adapter.safetensors"), base="test-vit",
+                  image_size=64, epochs=2, batch_size=2, lr=1e-3, val_fraction=0.34, seed=3)
+    values.update(overrides)
+    return TrainingConfig(**values)
+
+
+def test_focal_loss_matches_its_formula_with_one_sigmoid():
+    logits = torch.tensor([[2.0, -1.0, 0.5, -3.0]])
+    target = torch.tensor([[1.0, 0.0, 0.0, 1.0]])
+    p = torch.sigmoid(logits)
+    expected = []
+    for pi, ti in zip(p[0], target[0]):
+        pt = pi if ti == 1 else 1 - pi
+        alpha = 0.75 if ti == 1 else 0.25
+        expected.append(-alpha * (1 - pt) ** 3 * torch.log(pt))
+    torch.testing.assert_close(focal_loss(logits, target), torch.stack(expected).mean())
+    # Dice: perfect confident prediction ~0 loss; an empty target pushes towards empty.
+    assert soft_dice_loss(torch.full((1, 4), 20.0), torch.ones(1, 4)) < 1e-3
+    assert soft_dice_loss(torch.full((1, 4), -20.0), torch.zeros(1, 4)) < 1e-3
+    assert soft_dice_loss(torch.full((1, 4), 20.0), torch.zeros(1, 4)) > 0.7
+
+
+def test_training_optimises_only_the_trainable_set_and_learns(disks, tmp_path):
+    config = _config(disks, tmp_path, epochs=6, val_fraction=0.0, augment=False, lr=1e-2)
+    before = SSAMSegmentLib.load(base="test-vit", image_size=64)
+    frozen_before = {n: p.detach().clone() for n, p in before.named_parameters() if not p.requires_grad}
+    buffers_before = {n: b.clone() for n, b in before.named_buffers()}
+    result = train(config)
+    after = SSAMSegmentLib.load(adapter=result.adapter_path)
+    for name, p in after.named_parameters():
+        if name in frozen_before:
+            assert torch.equal(p, frozen_before[name]), name
+    for name, b in after.named_buffers():
+        assert torch.equal(b, buffers_before[name]), name
+    changed = [n for n, p in after.trainable_state().items() if not torch.equal(p, before.trainable_state()[n])]
+    groups = {after.trainable_names()[n] for n in changed}
+    assert groups == {"singular values", "norms", "positional embedding", "text affine layer", "decoder norms"}
+    losses = [record["loss"] for record in result.history]
+    assert losses[-1] < losses[0] * 0.95 and losses == sorted(losses, reverse=True), losses  # it fits the data
+    metadata = read_metadata(result.adapter_path)
+    assert metadata["labels"] == ["disk", "square"]
+    assert metadata["training"]["train_cases"] and metadata["training"]["layout"] == "folder2d"
+
+
+def test_micro_batches_give_the_full_batch_gradient(disks, tmp_path):
+    from SSAMSegmentLib.datasets import open_dataset
+    from SSAMSegmentLib.slice_bank import build_slice_bank
+
+    model = SSAMSegmentLib.load(base="test-vit", image_size=64)
+    dataset = open_dataset(disks)
+    bank = build_slice_bank(dataset.cases, dataset.label_names, 64)
+    text = model.text_embeddings(dataset.label_names)
+    inputs, targets = _batch_tensors(model, bank, [0, 1, 2, 3])
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    model.train()
+    gradients = []
+    for micro in (4, 1, 3):
+        model.zero_grad()
+        loss = _accumulate_gradients(model, inputs, targets, text, torch.device("cpu"), scaler, micro)
+        gradients.append((loss, [p.grad.clone() for p in model.trainable_parameters()]))
+    for loss, grads in gradients[1:]:
+        assert loss == pytest.approx(gradients[0][0], rel=1e-5)
+        for a, b in zip(grads, gradients[0][1]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_resume_continues_exactly(disks, tmp_path):
+    straight = train(_config(disks, tmp_path / "a", epochs=3))
+    cancel = threading.Event()
+
+    def stop_at_step_3(update):
+        if update.step >= 3:
+            cancel.set()
+
+    with pytest.raises(Cancelled, match="resume with --resume"):
+        train(_config(disks, tmp_path / "b", epochs=3), progress=stop_at_step_3, cancel=cancel)
+    config = _config(disks, tmp_path / "b", epochs=3)
+    resumed = train(TrainingConfig(**{**config.__dict__, "resume": str(config.checkpoint_path())}))
+    assert resumed.steps == straight.steps
+    a = SSAMSegmentLib.load(adapter=straight.adapter_path).trainable_state()
+    b = SSAMSegmentLib.load(adapter=resumed.adapter_path).trainable_state()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6, msg=name)
+    assert [r["val_dice"] for r in resumed.history] == pytest.approx([r["val_dice"] for r in straight.history])
+
+
+def test_cancel_leaves_checkpoint_and_intact_adapter(disks, tmp_path):
+    config = _config(disks, tmp_path, epochs=4)
+    cancel = threading.Event()
+    seen = []
+
+    def stop_in_second_epoch(update):
+        seen.append(update)
+        if update.epoch == 2 and update.phase == "train":
+            cancel.set()
+
+    with pytest.raises(Cancelled):
+        train(config, progress=stop_in_second_epoch, cancel=cancel)
+    adapter = tmp_path / "out" / "disk.adapter.safetensors"
+    assert read_metadata(adapter)["training"]["epochs"] == 1  # the epoch-1 adapter, complete
+    model = SSAMSegmentLib.load(base="test-vit", image_size=64)
+    optimizer = torch.optim.AdamW(model.trainable_parameters())
+    state = load_checkpoint(config.checkpoint_path(), model, optimizer)
+    assert state["epoch"] == 1 and state["step_in_epoch"] >= 1
+    assert not [p for p in adapter.parent.iterdir() if ".part" in p.name]
+    # An adapter is not a checkpoint, and a different run cannot be resumed from this checkpoint.
+    with pytest.raises(SSAMError, match="not an SSAM training checkpoint"):
+        load_checkpoint(adapter, model, optimizer)
+    with pytest.raises(SSAMError, match="different fingerprint"):
+        train(_config(disks, tmp_path, epochs=4, lr=5e-4, resume=str(config.checkpoint_path())))
+
+
+def test_eta_is_reported_and_max_steps_is_honoured(disks, tmp_path):
+    updates = []
+    result = train(_config(disks, tmp_path, epochs=5, max_steps=3), progress=updates.append)
+    assert result.steps == 3
+    steps = [u for u in updates if u.phase == "train"]
+    assert steps[-1].step == 3 and steps[-1].total_steps == 3
+    assert all(u.eta_seconds is not None and u.eta_seconds >= 0 for u in steps)
+
+
+def test_balanced_sampling_weights_rare_labels():
+    from SSAMSegmentLib.slice_bank import SliceBank
+
+    masks = np.zeros((10, 2, 4, 4), np.uint8)
+    masks[:, 0, 0, 0] = 1  # label 0 everywhere
+    masks[0, 1, 0, 0] = 1  # label 1 on one slice
+    bank = SliceBank(np.zeros((10, 3, 4, 4), np.uint8), masks, np.full((10, 2), 4), np.zeros(10, int), ["x"], ["a", "b"],
+                     np.ones((10, 2), bool))
+    weights = _balance_weights(bank)
+    assert weights[0] > 4 * weights[1]
+    assert np.allclose(weights[1:], weights[1])
+
+
+def test_bad_dataset_fails_before_training(tmp_path):
+    root = write_disk_dataset(tmp_path / "bad", count=3)
+    (root / "masks" / "c1.png").unlink()
+    (root / "images" / "extra.png").write_bytes(b"not a png")
+    result = subprocess.run([sys.executable, "-m", "SSAMSegmentLib.cli", "train", str(root), "--output",
+                             str(tmp_path / "x.safetensors"), "--base", "test-vit"],
+                            capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=300)
+    assert result.returncode == 2
+    assert "2 problems" in result.stderr or "3 problems" in result.stderr, result.stderr
+    assert "c1" in result.stderr and "extra" in result.stderr
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_processes_train_with_ddp(disks, tmp_path):
+    output = tmp_path / "ddp.adapter.safetensors"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+               "-m", "SSAMSegmentLib.cli", "train", str(disks), "--output", str(output), "--base", "test-vit",
+               "--image-size", "64", "--epochs", "2", "--batch-size", "2", "--seed", "1"]
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metadata = read_metadata(output)
+    assert metadata["training"]["steps"] >= 2
+    # Each process took one slice of every batch of two: the steps are those of a batch of 2 on one process.
+    single = train(_config(disks, tmp_path / "single", epochs=2, batch_size=2, seed=1, val_fraction=0.2))
+    assert metadata["training"]["steps"] == single.steps

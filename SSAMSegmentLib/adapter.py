@@ -5,9 +5,8 @@ Layout: every trainable tensor under its parameter name, the cached label embedd
 """
 
 import json
+import struct
 from pathlib import Path
-
-import torch
 
 from .atomic_file import atomic_output
 from .errors import SSAMError
@@ -33,6 +32,7 @@ def _metadata(model, training_summary):
 
 def save_adapter(model, path, training_summary=None) -> Path:
     """Write the adapter atomically: a crash or a full disk leaves any earlier file at `path` untouched."""
+    import torch
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -46,18 +46,39 @@ def save_adapter(model, path, training_summary=None) -> Path:
     return path
 
 
-def read_metadata(path) -> dict:
-    """The adapter's metadata, checked to be an S-SAM adapter; reads only the file's header."""
-    from safetensors import safe_open
+def _safetensors_header(path: Path) -> dict:
+    """The JSON header of a safetensors file, checked against the file's size; no torch, no pickle.
 
+    Layout: 8-byte little-endian header length, the JSON header (tensor dtypes, shapes, byte offsets and
+    "__metadata__"), then the tensor bytes. A file shorter than its header says is truncated."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            raise ValueError("shorter than a safetensors header")
+        length = struct.unpack("<Q", head)[0]
+        if length > min(size - 8, 100 << 20):
+            raise ValueError("header length beyond the end of the file")
+        header = json.loads(handle.read(length))
+    if not isinstance(header, dict):
+        raise ValueError("header is not a JSON object")
+    end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+    if 8 + length + end > size:
+        raise ValueError(f"the file is {size:,} bytes but its tensors end at {8 + length + end:,}")
+    return header
+
+
+def read_metadata(path) -> dict:
+    """The adapter's metadata, checked to be an S-SAM adapter; reads only the file's header (and needs no torch, so
+    Slicer can list an adapter's labels before PyTorch is installed)."""
     path = Path(path)
     if not path.is_file():
         raise SSAMError(f"adapter {path} does not exist; check the path or train one with `ssam train`")
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            raw = (handle.metadata() or {}).get("ssam")
-    except Exception as error:
+        header = _safetensors_header(path)
+    except (OSError, ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as error:
         raise SSAMError(f"adapter {path} is damaged or not a safetensors file ({error}); re-export or re-download it") from None
+    raw = (header.get("__metadata__") or {}).get("ssam")
     try:
         metadata = json.loads(raw) if raw else None
     except json.JSONDecodeError:
@@ -93,6 +114,7 @@ def check_compatible(metadata: dict, model, path) -> None:
 
 def load_adapter(model, path) -> dict:
     """Load an adapter into `model` (replacing its trainable tensors and known labels); returns the metadata."""
+    import torch
     from safetensors import safe_open
 
     metadata = read_metadata(path)

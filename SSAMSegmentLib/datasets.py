@@ -27,12 +27,9 @@ Rules (the same for every layout where they apply):
   not after an hour of training. A case's label map is read again, with its image, by `Case.load()`.
 """
 
-import gzip
 import hashlib
 import json
 import re
-import struct
-import zlib
 from collections import OrderedDict
 from functools import partial
 from pathlib import Path
@@ -42,7 +39,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import SSAMError
-from .image_io import check_image, has_image_suffix, same_geometry, strip_image_suffix
+from .image_io import check_image, has_image_suffix, is_truncated, same_geometry, strip_image_suffix
 from .text_encoders import label_key
 
 LAYOUTS = ("nnunet", "folder2d", "segnrrd", "memory", "combined")
@@ -150,59 +147,6 @@ def voxel_shape(image: sitk.Image) -> Tuple[int, ...]:
 # Reading single files
 
 
-def _nifti_is_truncated(path: Path) -> bool:
-    """ITK reads a truncated NIfTI (.nii or .nii.gz) without an error, zero-filling the missing voxels: compare the
-    voxel bytes the header announces with those present (a .nii.gz is decompressed, and nothing is kept)."""
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
-    try:
-        with opener(path, "rb") as stream:
-            header = stream.read(540)
-            for order in "<>":
-                if struct.unpack(order + "i", header[:4])[0] == 348:  # NIfTI-1
-                    dims = struct.unpack(order + "8h", header[40:56])
-                    bitpix = struct.unpack(order + "h", header[72:74])[0]
-                    offset = int(struct.unpack(order + "f", header[108:112])[0])
-                    break
-                if struct.unpack(order + "i", header[:4])[0] == 540:  # NIfTI-2
-                    dims = struct.unpack(order + "8q", header[16:80])
-                    bitpix = struct.unpack(order + "h", header[14:16])[0]
-                    offset = struct.unpack(order + "q", header[168:176])[0]
-                    break
-            else:
-                return False  # not a header we know: leave the verdict to ITK
-            if not 1 <= dims[0] <= 7:
-                return False
-            expected = offset + int(np.prod(dims[1:dims[0] + 1], dtype=np.int64)) * bitpix // 8
-            if opener is open:
-                return path.stat().st_size < expected
-            remaining = expected - len(header)
-            while remaining > 0:
-                chunk = stream.read(min(remaining, 1 << 24))
-                if not chunk:
-                    return True
-                remaining -= len(chunk)
-            return False
-    except (EOFError, OSError, zlib.error, struct.error):
-        return True
-
-
-def _jpeg_is_truncated(path: Path) -> bool:
-    """libjpeg only warns ("Premature end of JPEG file") and ITK returns grey: a whole JPEG ends with its EOI marker
-    (FF D9), give or take a short trailer."""
-    with open(path, "rb") as stream:
-        stream.seek(max(path.stat().st_size - 1024, 0))
-        return b"\xff\xd9" not in stream.read()
-
-
-def _truncated(path: Path) -> bool:
-    name = path.name.lower()
-    if name.endswith((".nii", ".nii.gz")):
-        return _nifti_is_truncated(path)
-    if name.endswith((".jpg", ".jpeg")):
-        return _jpeg_is_truncated(path)
-    return False  # NRRD, MHA, PNG, TIFF: ITK's readers fail on a short file
-
-
 def _read_image(path: Path, name: str, check_complete: bool = False) -> sitk.Image:
     """A checked 2D/3D scalar or RGB image; `name` (a path relative to the dataset) is what messages show.
     `check_complete`: also find truncated files that ITK would read silently (costs one more pass over a .nii.gz)."""
@@ -210,7 +154,7 @@ def _read_image(path: Path, name: str, check_complete: bool = False) -> sitk.Ima
         image = sitk.ReadImage(str(path))
     except RuntimeError:
         raise SSAMError(f"cannot read {name}: damaged, truncated or not an image") from None
-    if check_complete and _truncated(path):
+    if check_complete and is_truncated(path):
         raise SSAMError(f"{name} is truncated (the file ends before its last voxel); copy or export it again")
     return check_image(image, name)
 

@@ -25,8 +25,12 @@ def select_device(device="auto") -> torch.device:
         if _mps_available():
             return torch.device("mps")
         return torch.device("cpu")
-    if name == "gpu":
-        name = "cuda"
+    if name == "gpu":  # whichever GPU this machine has
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if _mps_available():
+            return torch.device("mps")
+        raise SSAMError("a GPU was asked for but none is available to PyTorch (no CUDA, no Apple MPS); use cpu or auto")
     try:
         chosen = torch.device(name)
     except RuntimeError:

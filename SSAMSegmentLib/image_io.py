@@ -3,6 +3,9 @@
 Everything comes back as a SimpleITK image of dimension 2 or 3, scalar or 3-component RGB, or a one-line SSAMError.
 """
 
+import gzip
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +29,61 @@ def strip_image_suffix(name: str) -> str:
         if lower.endswith(suffix):
             return name[: -len(suffix)]
     return Path(name).stem
+
+
+def _nifti_is_truncated(path: Path) -> bool:
+    """ITK reads a truncated NIfTI (.nii or .nii.gz) without an error, zero-filling the missing voxels: compare the
+    voxel bytes the header announces with those present (a .nii.gz is decompressed, and nothing is kept)."""
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as stream:
+            header = stream.read(540)
+            for order in "<>":
+                if struct.unpack(order + "i", header[:4])[0] == 348:  # NIfTI-1
+                    dims = struct.unpack(order + "8h", header[40:56])
+                    bitpix = struct.unpack(order + "h", header[72:74])[0]
+                    offset = int(struct.unpack(order + "f", header[108:112])[0])
+                    break
+                if struct.unpack(order + "i", header[:4])[0] == 540:  # NIfTI-2
+                    dims = struct.unpack(order + "8q", header[16:80])
+                    bitpix = struct.unpack(order + "h", header[14:16])[0]
+                    offset = struct.unpack(order + "q", header[168:176])[0]
+                    break
+            else:
+                return False  # not a header we know: leave the verdict to ITK
+            if not 1 <= dims[0] <= 7:
+                return False
+            expected = offset + int(np.prod(dims[1:dims[0] + 1], dtype=np.int64)) * bitpix // 8
+            if opener is open:
+                return path.stat().st_size < expected
+            remaining = expected - len(header)
+            while remaining > 0:
+                chunk = stream.read(min(remaining, 1 << 24))
+                if not chunk:
+                    return True
+                remaining -= len(chunk)
+            return False
+    except (EOFError, OSError, zlib.error, struct.error):
+        return True
+
+
+def _jpeg_is_truncated(path: Path) -> bool:
+    """libjpeg only warns ("Premature end of JPEG file") and ITK returns grey: a whole JPEG ends with its EOI marker
+    (FF D9), give or take a short trailer."""
+    with open(path, "rb") as stream:
+        stream.seek(max(path.stat().st_size - 1024, 0))
+        return b"\xff\xd9" not in stream.read()
+
+
+def is_truncated(path) -> bool:
+    """True for a NIfTI or JPEG file that ends before its last voxel (ITK would read it silently, zero-filled)."""
+    path = Path(path)
+    name = path.name.lower()
+    if name.endswith((".nii", ".nii.gz")):
+        return _nifti_is_truncated(path)
+    if name.endswith((".jpg", ".jpeg")):
+        return _jpeg_is_truncated(path)
+    return False  # NRRD, MHA, PNG, TIFF: ITK's readers fail on a short file
 
 
 def _read_dicom_series(folder: Path) -> sitk.Image:
@@ -54,6 +112,8 @@ def read_image(path) -> sitk.Image:
             f"cannot read {path}: not an image SimpleITK can open ({first[:120]}); "
             f"use NIfTI, NRRD, MHA, DICOM, PNG, JPEG, TIFF or BMP"
         ) from None
+    if path.is_file() and is_truncated(path):
+        raise SSAMError(f"{path} is truncated (the file ends before its last voxel); copy or export it again")
     return check_image(image, str(path))
 
 

@@ -97,7 +97,7 @@ class SSAM(nn.Module):
                 yield from (("decoder norms", p) for p in module.parameters(recurse=False))
 
     def trainable_parameters(self) -> List[nn.Parameter]:
-        return [p for _, p in self._trainable_items()]
+        return [p for _, p in self._trainable_items() if p.requires_grad]
 
     def trainable_names(self) -> Dict[str, str]:
         """name -> group for every trainable tensor, in a stable order."""
@@ -121,9 +121,18 @@ class SSAM(nn.Module):
 
     # --- modes --------------------------------------------------------------------------------------------------
 
+    def freeze_singular_values(self):
+        """Norms-only tuning (the S-SAM paper's ablation baseline): a = 1 and b = 0 stay fixed, so the encoder runs
+        with its merged, pretrained weights while the other trainable tensors learn."""
+        for layer in tuned_layers(self.image_encoder):
+            layer.scale.requires_grad_(False)
+            layer.shift.requires_grad_(False)
+            layer.merge()
+        self.singular_values_frozen = True
+
     def train(self, mode: bool = True):
         super().train(mode)
-        if mode:
+        if mode and not getattr(self, "singular_values_frozen", False):
             self.unmerge()
             # BatchNorm statistics stay the pretrained ones: only the BN scales and shifts are trained.
             for module in self.image_encoder.modules():

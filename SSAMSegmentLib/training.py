@@ -52,6 +52,7 @@ class TrainingConfig:
     checkpoint: Optional[str] = None  # default: <output>.checkpoint.safetensors
     val_data: object = None  # validation dataset(s) instead of a split of `data`
     micro_batch: Optional[int] = None  # slices per forward/backward pass; default 1 on CPU, batch_size on GPU
+    tune: str = "ssam"  # "ssam": the full S-SAM set; "norms": a, b frozen (the paper's ablation baseline)
 
     def checkpoint_path(self) -> Path:
         if self.checkpoint:
@@ -63,7 +64,7 @@ class TrainingConfig:
     def fingerprint(self) -> dict:
         """What a resumed run must share with the run that wrote the checkpoint."""
         keys = ("base", "text_encoder", "batch_size", "lr", "weight_decay", "seed", "axis", "balanced", "augment",
-                "image_size", "val_fraction")
+                "image_size", "val_fraction", "tune")
         return {key: getattr(self, key) for key in keys}
 
 
@@ -138,12 +139,16 @@ def _augment_intensity(images: torch.Tensor, generator: torch.Generator) -> torc
 
 
 def _augment_geometry(inputs: torch.Tensor, masks: torch.Tensor, generator: torch.Generator):
-    """A small rotation (+-10 degrees), scaling (+-10%) and shift (+-5%) of normalised inputs and their masks together;
-    uncovered pixels become 0, as SAM's padding. No flips: labels such as 'kidney_left' are lateral."""
+    """A small rotation (+-10 degrees) and, for half the slices, a zoom into a random region (up to 3x: images come
+    at any field of view, a whole abdomen or a close-up of one vertebra), else a +-10% scaling and +-5% shift; image
+    and masks together, uncovered pixels 0 as SAM's padding. No flips: labels such as 'kidney_left' are lateral."""
     count = inputs.shape[0]
     angle = (torch.rand(count, generator=generator) - 0.5) * math.radians(20)
-    scale = 1 + (torch.rand(count, generator=generator) - 0.5) * 0.2
-    shift = (torch.rand(count, 2, generator=generator) - 0.5) * 0.1
+    zoom_in = torch.rand(count, generator=generator) < 0.5
+    scale = torch.where(zoom_in, torch.exp(torch.rand(count, generator=generator) * math.log(3.0)),
+                        1 + (torch.rand(count, generator=generator) - 0.5) * 0.2)
+    reach = torch.where(zoom_in, 1 - 1 / scale, torch.full_like(scale, 0.05))  # how far the view may move
+    shift = (torch.rand(count, 2, generator=generator) * 2 - 1) * reach[:, None]
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
     theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
     grid = F.affine_grid(theta, list(inputs.shape), align_corners=False)
@@ -388,6 +393,10 @@ def train(config: TrainingConfig, progress: Optional[Callable[[TrainingProgress]
     torch.manual_seed(config.seed)  # the Text Affine Layer's initial weights: a run is repeatable from its seed
     model = load(base=config.base, text_encoder=config.text_encoder, image_size=config.image_size, device=device)
     text = model.text_embeddings(labels)  # encoded once; stored in the adapter
+    if config.tune == "norms":
+        model.freeze_singular_values()
+    elif config.tune != "ssam":
+        raise SSAMError(f"unknown tuning '{config.tune}'; use ssam (singular values + norms) or norms")
 
     def prepare(cases, what):
         def step(fraction, message):

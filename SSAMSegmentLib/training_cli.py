@@ -39,6 +39,8 @@ def add_arguments(parser):
     parser.add_argument("--image-size", type=int, help="input size for SAM ViT bases (multiple of 16)")
     parser.add_argument("--balanced", action="store_true", help="sample slices so small/rare labels are seen as "
                                                                 "often present as absent")
+    parser.add_argument("--tune", choices=("ssam", "norms"), default="ssam",
+                        help="ssam: singular values + norms (S-SAM); norms: without the singular values (ablation)")
     parser.add_argument("--no-augment", action="store_true", help="no intensity and small geometric jitter")
 
 
@@ -50,7 +52,7 @@ def run(args) -> int:
         labels=[x.strip() for x in args.labels.split(",") if x.strip()] if args.labels else None,
         epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, micro_batch=args.micro_batch, lr=args.lr,
         val_fraction=args.val_fraction, val_data=args.val_data, seed=args.seed, resume=args.resume, device=args.device, axis=args.axis,
-        balanced=args.balanced, augment=not args.no_augment, image_size=args.image_size,
+        balanced=args.balanced, augment=not args.no_augment, tune=args.tune, image_size=args.image_size,
     )
     cancel = threading.Event()
     display = _Display()

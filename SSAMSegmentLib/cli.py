@@ -14,11 +14,22 @@ from .errors import SSAMError
 
 
 def _progress_bar(description):
-    """A terminal progress bar as a progress(fraction, message) callback, and a function to close it."""
+    """A progress(fraction, message) callback and a close function: a tqdm bar on a terminal, a plain line every
+    10% in a log file."""
+    if not sys.stderr.isatty():
+        state = {"next": 0.0}
+
+        def log(fraction, message=""):
+            if fraction >= state["next"] or fraction >= 1.0:
+                print(f"{description}: {fraction:4.0%} {message}", file=sys.stderr, flush=True)
+                state["next"] = fraction + 0.1
+
+        return log, lambda: None
+
     from tqdm import tqdm
 
-    bar = tqdm(total=1000, desc=description, unit="", bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix} [{elapsed}<{remaining}]",
-               file=sys.stderr, disable=None)
+    bar = tqdm(total=1000, desc=description, unit="", file=sys.stderr,
+               bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix} [{elapsed}<{remaining}]")
 
     def update(fraction, message=""):
         bar.n = int(round(fraction * 1000))

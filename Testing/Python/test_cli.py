@@ -1,0 +1,176 @@
+"""The `ssam` command as a user runs it: outputs that Slicer opens, one-line errors with exit code 2 and no output,
+Ctrl-C with exit code 130 and no output, `ssam info` counts."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+import SSAMSegmentLib
+
+from conftest import REPO
+
+ENV = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
+
+
+def ssam(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "SSAMSegmentLib.cli", *map(str, args)], capture_output=True,
+                          text=True, env=ENV, timeout=timeout)
+
+
+def _adapter(path, base="test-vit", text_encoder="minilm-l6", labels=("organ", "vessel")):
+    model = SSAMSegmentLib.load(base=base, text_encoder=text_encoder, image_size=64 if base == "test-vit" else None)
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in model.trainable_parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * 0.2)
+    for label in labels:
+        model.labels.add(label, torch.randn(model.text_dim, generator=generator))
+    return model.save_adapter(path, {"epochs": 1, "data": "generated"})
+
+
+def _volume(path, shape=(8, 48, 40), direction=None):
+    rng = np.random.default_rng(0)
+    array = rng.normal(40, 30, shape).astype(np.int16)
+    array[:, 10:30, 8:28] += 200
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing((0.9, 0.8, 3.0))
+    image.SetOrigin((5.0, -20.0, 40.0))
+    if direction is not None:
+        image.SetDirection(direction)
+    sitk.WriteImage(image, str(path))
+    return image
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory):
+    return _adapter(tmp_path_factory.mktemp("adapters") / "test.adapter.safetensors")
+
+
+def _read_with_slicer(path):
+    """Segment names as slicer-core's own vtkMRMLSegmentationStorageNode reads them."""
+    from test_seg_nrrd import SlicerScene
+
+    segments, _ = SlicerScene().read(path)
+    return list(segments)
+
+
+def test_segment_writes_a_segmentation_slicer_opens(adapter, tmp_path):
+    image = _volume(tmp_path / "ct.nii.gz", direction=(0.96, 0.28, 0, -0.28, 0.96, 0, 0, 0, 1))
+    out = tmp_path / "result" / "ct.seg.nrrd"
+    run = ssam("segment", tmp_path / "ct.nii.gz", "--label", "organ", "--label", "vessel", "--adapter", adapter,
+               "--output", out, "--preview", tmp_path / "result" / "ct.png")
+    assert run.returncode == 0, run.stderr
+    assert f"wrote {out}" in run.stdout and "ct.png" in run.stdout
+    assert _read_with_slicer(out) == ["organ", "vessel"]
+    from SSAMSegmentLib.seg_nrrd import read_seg_nrrd
+    from SSAMSegmentLib.image_io import same_geometry
+
+    masks, _ = read_seg_nrrd(out)
+    assert all(same_geometry(mask, image, tolerance=1e-5) for mask in masks.values())
+    assert (tmp_path / "result" / "ct.png").stat().st_size > 1000
+    assert "slices" in run.stdout and "axial" in run.stdout
+
+
+def test_segment_to_a_label_map_and_absent_labels(adapter, tmp_path):
+    _volume(tmp_path / "ct.nrrd")
+    out = tmp_path / "ct_labels.nii.gz"
+    run = ssam("segment", tmp_path / "ct.nrrd", "--label", "organ", "--adapter", adapter, "--output", out,
+               "--threshold", "0.999999")
+    assert run.returncode == 0, run.stderr
+    assert "absent (empty mask): organ" in run.stdout  # an absent label is a valid answer, said plainly
+    labels = sitk.ReadImage(str(out))
+    assert labels.GetSize() == (40, 48, 8)
+    assert (tmp_path / "ct_labels.json").is_file()
+
+
+def test_segment_2d_rgb_picture(adapter, tmp_path):
+    rgb = np.random.default_rng(2).integers(0, 255, (60, 80, 3), dtype=np.uint8)
+    sitk.WriteImage(sitk.GetImageFromArray(rgb, isVector=True), str(tmp_path / "polyp.png"))
+    run = ssam("segment", tmp_path / "polyp.png", "--label", "organ", "--adapter", adapter, "--output",
+               tmp_path / "polyp.seg.nrrd")
+    assert run.returncode == 0, run.stderr
+    assert _read_with_slicer(tmp_path / "polyp.seg.nrrd") == ["organ"]
+
+
+def _bad_inputs(tmp_path, adapter):
+    _volume(tmp_path / "ok.nii.gz")
+    (tmp_path / "text.nii.gz").write_text("not an image")
+    four_d = sitk.JoinSeries([sitk.Image([6, 6, 4], sitk.sitkInt16) + i for i in range(3)])
+    sitk.WriteImage(four_d, str(tmp_path / "4d.nii.gz"))
+    other_base = _adapter(tmp_path / "tiny.adapter.safetensors", base="test-tinyvit")
+    clip_adapter = _adapter(tmp_path / "clip.adapter.safetensors", text_encoder="clip-vit-b-32", labels=("liver",))
+    (tmp_path / "a_file").write_text("x")
+    ok, out = tmp_path / "ok.nii.gz", tmp_path / "out.seg.nrrd"
+    return {
+        "missing input": (["segment", tmp_path / "nope.nii.gz", "--label", "organ", "--adapter", adapter, "--output", out], "does not exist"),
+        "unreadable input": (["segment", tmp_path / "text.nii.gz", "--label", "organ", "--adapter", adapter, "--output", out], "cannot read"),
+        "4D input": (["segment", tmp_path / "4d.nii.gz", "--label", "organ", "--adapter", adapter, "--output", out], "4D"),
+        "unknown adapter": (["segment", ok, "--label", "organ", "--adapter", tmp_path / "none.safetensors", "--output", out], "does not exist"),
+        "adapter of another base": (["segment", ok, "--label", "organ", "--adapter", other_base, "--base", "test-vit", "--output", out], "test-tinyvit, not test-vit"),
+        "unknown label, no text encoder": (["segment", ok, "--label", "tumor", "--adapter", clip_adapter, "--output", out], "tumor"),
+        "unwritable output": (["segment", ok, "--label", "organ", "--adapter", adapter, "--output", tmp_path / "a_file" / "x.seg.nrrd"], "cannot create the folder"),
+        "unsupported output": (["segment", ok, "--label", "organ", "--adapter", adapter, "--output", tmp_path / "out.png"], "unsupported type"),
+        "empty label": (["segment", ok, "--label", " ", "--adapter", adapter, "--output", out], "label"),
+        "bad window": (["segment", ok, "--label", "organ", "--adapter", adapter, "--output", out, "--window", "40"], "LEVEL,WIDTH"),
+    }
+
+
+def test_bad_inputs_fail_with_one_line_exit_2_and_no_output(adapter, tmp_path):
+    for case, (args, expected) in _bad_inputs(tmp_path, adapter).items():
+        before = set(tmp_path.rglob("*"))
+        run = ssam(*args)
+        assert run.returncode == 2, (case, run.returncode, run.stderr[-1500:])
+        lines = [line for line in run.stderr.strip().splitlines() if line.strip()]
+        assert len(lines) == 1 and "Traceback" not in run.stderr, (case, run.stderr[-1500:])
+        assert lines[0].startswith("ssam segment: error:") and expected in lines[0], (case, lines[0])
+        assert set(tmp_path.rglob("*")) == before, (case, set(tmp_path.rglob("*")) - before)
+
+
+def test_ctrl_c_stops_and_writes_nothing(adapter, tmp_path):
+    _volume(tmp_path / "long.nii.gz", shape=(400, 64, 64))
+    out = tmp_path / "long.seg.nrrd"
+    process = subprocess.Popen([sys.executable, "-m", "SSAMSegmentLib.cli", "segment", str(tmp_path / "long.nii.gz"),
+                                "--label", "organ", "--adapter", str(adapter), "--output", str(out)],
+                               stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=ENV)
+    line = process.stderr.readline()  # the first progress line: slices are being segmented
+    assert "segmenting" in line, line
+    time.sleep(0.5)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "cancelled" in stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["long.nii.gz"]
+
+
+@pytest.mark.slow
+def test_info_counts_for_the_paper_setting():
+    run = ssam("info", "--base", "sam_vit_b", "--text-encoder", "clip-vit-b-32", "--image-size", "256", "--no-weights")
+    assert run.returncode == 0, run.stderr
+    assert "444,672 trainable" in run.stdout
+    for line in ("singular values", "74,752"), ("norms", "36,864"), ("positional embedding", "196,608"), \
+                ("text affine layer", "131,840"), ("decoder norms", "4,608"):
+        assert any(line[0] in row and row.rstrip().endswith(line[1]) for row in run.stdout.splitlines()), line
+
+
+def test_info_of_an_adapter(adapter):
+    run = ssam("info", "--adapter", adapter, "--no-weights")
+    assert run.returncode == 0, run.stderr
+    assert "organ, vessel" in run.stdout and "base SHA256" in run.stdout and "data" in run.stdout
+    assert "test-vit" in run.stdout
+
+
+def test_evaluate_command(adapter, tmp_path):
+    _volume(tmp_path / "ct.nii.gz")
+    out = tmp_path / "pred.seg.nrrd"
+    assert ssam("segment", tmp_path / "ct.nii.gz", "--label", "organ", "--adapter", adapter, "--output", out).returncode == 0
+    run = ssam("evaluate", out, out, "--output", tmp_path / "report")
+    assert run.returncode == 0, run.stderr
+    assert "organ" in run.stdout and "1.000" in run.stdout
+    assert (tmp_path / "report.json").is_file() and (tmp_path / "report.csv").is_file()

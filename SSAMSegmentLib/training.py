@@ -316,7 +316,9 @@ def _open_all(data, labels):
     items = data if isinstance(data, (list, tuple)) else [data]
     if not items:
         raise SSAMError("no training data given; name a dataset folder")
-    opened = [item if isinstance(item, Dataset) else open_dataset(item, labels=labels) for item in items]
+    single = len(items) == 1 and labels  # one folder: let open_dataset name unknown labels among its problems
+    opened = [item if isinstance(item, Dataset) else open_dataset(item, labels=labels if single else None)
+              for item in items]
     dataset = combine_datasets(opened)
     return _restrict(dataset, labels) if labels else dataset
 

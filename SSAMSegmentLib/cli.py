@@ -6,7 +6,6 @@ Every command turns a user-fixable problem (SSAMError) into one line on stderr a
 
 import argparse
 import sys
-from pathlib import Path
 
 from . import __version__
 from .devices import DEVICE_CHOICES

@@ -721,7 +721,7 @@ def _memory_mask_problem(case_id: str, image: sitk.Image, name: str, mask) -> Op
     if isinstance(mask, sitk.Image):
         if mask.GetNumberOfComponentsPerPixel() != 1:
             return f"{where} has {mask.GetNumberOfComponentsPerPixel()} components; give a scalar mask"
-        return _geometry_problem(image, mask, f"its image", where)
+        return _geometry_problem(image, mask, "its image", where)
     array = np.asarray(mask)
     if array.shape != voxel_shape(image):
         return f"{where} is shaped {array.shape} but the image's voxels are {voxel_shape(image)}"

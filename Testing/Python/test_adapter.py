@@ -1,7 +1,6 @@
 """Adapter files: exact round trip, refusal of mismatched or damaged files, never unpickling."""
 
 import json
-import pickle
 
 import pytest
 import torch
@@ -10,16 +9,11 @@ import SSAMSegmentLib
 from SSAMSegmentLib import SSAMError
 from SSAMSegmentLib.adapter import read_metadata
 
+from helpers import perturbed_model, write_code_running_pickle
+
 
 def _trained(base="test-vit", seed=0):
-    model = SSAMSegmentLib.load(base=base)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in model.trainable_parameters():
-            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.1)
-    model.labels.add("Liver", torch.randn(model.text_dim, generator=generator))
-    model.labels.add("kidney_left", torch.randn(model.text_dim, generator=generator))
-    return model
+    return perturbed_model(base, labels=("Liver", "kidney_left"), seed=seed, amount=0.1)
 
 
 def test_round_trip_is_exact(tmp_path):
@@ -90,13 +84,7 @@ def test_truncated_file_is_refused(tmp_path):
 
 def test_pickle_is_never_loaded(tmp_path):
     marker = tmp_path / "executed"
-
-    class Payload:
-        def __reduce__(self):
-            return (open, (str(marker), "w"))
-
-    evil = tmp_path / "evil.safetensors"
-    evil.write_bytes(pickle.dumps(Payload()))
+    evil = write_code_running_pickle(tmp_path / "evil.safetensors", marker)
     with pytest.raises(SSAMError):
         SSAMSegmentLib.load(adapter=evil)
     torch.save({"x": torch.ones(1)}, tmp_path / "state.pt")

@@ -1,7 +1,6 @@
 """Pretrained weights: LiteMedSAM from its package, SAM ViT-B from a user file or a verified download, both strict."""
 
 import http.server
-import pickle
 import threading
 
 import numpy as np
@@ -12,6 +11,8 @@ import torch
 import SSAMSegmentLib
 from SSAMSegmentLib import SSAMError, weights
 from SSAMSegmentLib.bases import build_base, load_state_strict
+
+from helpers import write_code_running_pickle
 
 
 def test_litemedsam_loads_strictly_from_the_package():
@@ -124,13 +125,7 @@ def test_download_without_network_says_what_to_do(monkeypatch):
 
 def test_user_checkpoint_that_needs_code_is_refused(tmp_path):
     marker = tmp_path / "executed"
-
-    class Payload:
-        def __reduce__(self):
-            return (open, (str(marker), "w"))
-
-    path = tmp_path / "evil.pth"
-    path.write_bytes(pickle.dumps(Payload()))
+    path = write_code_running_pickle(tmp_path / "evil.pth", marker)
     with pytest.raises(SSAMError, match="cannot read sam_vit_b weights"):
         build_base("sam_vit_b", checkpoint=path)
     assert not marker.exists()

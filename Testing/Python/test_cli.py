@@ -10,11 +10,10 @@ import time
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import torch
 
-import SSAMSegmentLib
 
 from conftest import REPO
+from helpers import perturbed_model
 
 ENV = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
 
@@ -25,13 +24,8 @@ def ssam(*args, timeout=600):
 
 
 def _adapter(path, base="test-vit", text_encoder="minilm-l6", labels=("organ", "vessel")):
-    model = SSAMSegmentLib.load(base=base, text_encoder=text_encoder, image_size=64 if base == "test-vit" else None)
-    generator = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for p in model.trainable_parameters():
-            p.add_(torch.randn(p.shape, generator=generator) * 0.2)
-    for label in labels:
-        model.labels.add(label, torch.randn(model.text_dim, generator=generator))
+    model = perturbed_model(base, labels=labels, seed=7, text_encoder=text_encoder,
+                            image_size=64 if base == "test-vit" else None)
     return model.save_adapter(path, {"epochs": 1, "data": "generated"})
 
 

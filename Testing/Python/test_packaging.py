@@ -12,7 +12,6 @@ import textwrap
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
-import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 MODULE_CMAKE = REPO / "SSAMSegment" / "CMakeLists.txt"

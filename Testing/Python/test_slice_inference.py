@@ -8,15 +8,14 @@ import textwrap
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import torch
 
-import SSAMSegmentLib
 from SSAMSegmentLib import SSAMError
 from SSAMSegmentLib.image_io import image_from_array, read_image, same_geometry
 from SSAMSegmentLib.intensity import choose_mapping
 from SSAMSegmentLib.slice_geometry import SliceGeometry
 
 from conftest import REPO
+from helpers import perturbed_model
 
 
 def _phantom(shape=(12, 40, 48), spacing=(0.8, 0.7, 2.5), seed=0):
@@ -41,14 +40,7 @@ def _oblique(image, angle=0.3):
 
 @pytest.fixture(scope="module")
 def model():
-    m = SSAMSegmentLib.load(base="test-vit", image_size=64)
-    generator = torch.Generator().manual_seed(4)
-    with torch.no_grad():
-        for p in m.trainable_parameters():
-            p.add_(torch.randn(p.shape, generator=generator) * 0.2)
-    m.labels.add("organ", torch.randn(m.text_dim, generator=generator))
-    m.labels.add("vessel", torch.randn(m.text_dim, generator=generator))
-    return m
+    return perturbed_model("test-vit", seed=4, image_size=64)
 
 
 @pytest.mark.parametrize("permutation,flips", [((0, 1, 2), ()), ((2, 1, 0), (0,)), ((1, 2, 0), (1, 2)), ((0, 2, 1), (2,))])

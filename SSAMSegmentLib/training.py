@@ -386,6 +386,8 @@ def train(config: TrainingConfig, progress: Optional[Callable[[TrainingProgress]
         raise SSAMError(f"batch size {config.batch_size} is smaller than the {world} training processes")
     if config.epochs < 1:
         raise SSAMError("--epochs must be at least 1")
+    if config.tune not in ("ssam", "norms"):
+        raise SSAMError(f"unknown tuning '{config.tune}'; use ssam (singular values + norms) or norms")
     dataset, train_cases, val_cases = _prepare_data(config)
     labels = dataset.label_names
     device = select_device(config.device)
@@ -397,8 +399,6 @@ def train(config: TrainingConfig, progress: Optional[Callable[[TrainingProgress]
     text = model.text_embeddings(labels)  # encoded once; stored in the adapter
     if config.tune == "norms":
         model.freeze_singular_values()
-    elif config.tune != "ssam":
-        raise SSAMError(f"unknown tuning '{config.tune}'; use ssam (singular values + norms) or norms")
 
     def prepare(cases, what):
         def step(fraction, message):

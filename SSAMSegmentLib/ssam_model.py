@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .bases import BaseSpec, SamParts
+from .fast_encoder import FastEncoderSlot
 from .svd_linear import tuned_layers, wrap_encoder
 from .text_affine import TextAffineLayer
 from .text_encoders import LabelEmbeddings
@@ -47,6 +48,7 @@ class SSAM(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(spec.pixel_mean), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(spec.pixel_std), persistent=False)
         self.merged = False
+        self._fast_encoder = FastEncoderSlot()  # inference-only copy of the merged encoder; not part of the model
         for parameter in self.parameters():
             parameter.requires_grad_(False)
         for _, parameter in self._trainable_items():
@@ -146,12 +148,14 @@ class SSAM(nn.Module):
         for layer in tuned_layers(self.image_encoder):
             layer.merge()
         self.merged = True
+        self._fast_encoder.clear()  # rebuilt from the new weights on first use
         return self
 
     def unmerge(self):
         for layer in tuned_layers(self.image_encoder):
             layer.unmerge()
         self.merged = False
+        self._fast_encoder.clear()
         return self
 
     # --- forward ------------------------------------------------------------------------------------------------
@@ -164,7 +168,12 @@ class SSAM(nn.Module):
         return self.text_affine(text_embeddings.to(self.device)).unsqueeze(1)
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) preprocessed -> image embeddings (B, 256, g, g)."""
+        """(B, 3, S, S) preprocessed -> image embeddings (B, 256, g, g). A merged model encodes through its fast
+        inference copy (fast_encoder.py) unless gradients are being recorded."""
+        if self.merged and not torch.is_grad_enabled():
+            fast = self._fast_encoder.get(self.image_encoder, self.spec.encoder_kind, images.device)
+            if fast is not None:
+                return fast(images)
         return self.image_encoder(images)
 
     def decode(self, image_embeddings: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

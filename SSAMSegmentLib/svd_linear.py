@@ -11,9 +11,24 @@ Three ways to compute the layer, all the same function:
   sees few inputs (tokens x positions) compared with its size. `forward` picks the cheaper one per call.
 """
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """LAPACK's SVD of these matrices gains nothing from a second thread, and its OpenMP threads wait for each other
+    so badly when another process competes for the cores that it runs up to 100x slower (measured: 0.5 s on one
+    thread, 40-150 s on two for LiteMedSAM's 69 matrices; docs/benchmarks.md)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 class SingularValueTuned(nn.Module):
@@ -26,7 +41,8 @@ class SingularValueTuned(nn.Module):
         self.layer = layer
         weight = layer.weight.detach()
         matrix = weight.reshape(weight.shape[0], -1).float()
-        U, s, Vh = torch.linalg.svd(matrix, full_matrices=False)
+        with _one_thread():
+            U, s, Vh = torch.linalg.svd(matrix, full_matrices=False)
         self.register_buffer("U", U.contiguous())
         self.register_buffer("s", s.contiguous())
         self.register_buffer("Vh", Vh.contiguous())

@@ -220,6 +220,7 @@ def validate(model, bank: SliceBank, text, device, batch_size=4, cancel=None):
     classic_scores = [[] for _ in labels]
     was_training = model.training
     model.eval()
+    model.merge()  # inference weights (and the fast encoder); model.train() below unmerges for training
     try:
         for first in range(0, len(bank), batch_size):
             if cancel is not None and cancel.is_set():

@@ -12,11 +12,16 @@ with the merged weights in which, for LiteMedSAM's TinyViT:
 The copy is rebuilt whenever the model's weights change (`FastEncoderSlot`) and dropped by `unmerge()`. Only the
 order of float operations differs from the plain encoder, so embeddings agree to float tolerance.
 
-SAM's ViT gets no copy: merging already leaves plain Linear layers, and nothing measured was faster there
-(docs/benchmarks.md).
+SAM's ViT gets no copy: merging already leaves plain Linear layers, and nothing else measured in float32 was faster
+there (docs/benchmarks.md).
+
+Option, off by default: SSAM_CPU_BF16=1 in the environment runs the CPU encoder (either kind) under bfloat16
+autocast, 2-3x faster on CPUs with native bf16 (AVX512-BF16, AMX) but no longer the same masks: embeddings differ by
+about 1-5% of their range (docs/benchmarks.md has the masks' agreement on real CT). Slower on CPUs without bf16.
 """
 
 import copy
+import os
 from typing import Optional
 
 import torch
@@ -194,16 +199,40 @@ class FastTinyViT(nn.Module):
         return x.permute(0, 3, 1, 2).contiguous()
 
 
-def build_fast_encoder(encoder: nn.Module, encoder_kind: str, device=None) -> Optional[nn.Module]:
+def cpu_bf16_requested() -> bool:
+    """SSAM_CPU_BF16=1: the opt-in bfloat16 encoder on the CPU (faster, not the same masks)."""
+    return os.environ.get("SSAM_CPU_BF16", "").strip().lower() not in ("", "0", "false", "no")
+
+
+class _Bfloat16Autocast(nn.Module):
+    """Runs an encoder under CPU bfloat16 autocast and hands back float32 embeddings, as the float32 encoder would."""
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return self.encoder(images).float()
+
+
+def build_fast_encoder(encoder: nn.Module, encoder_kind: str, device=None, bf16: Optional[bool] = None):
     """A frozen inference copy of a merged `encoder` computing the same embeddings faster on `device`, or None where
-    there is nothing to gain: SAM's ViT (already plain Linear layers once merged) and GPUs (where the plain merged
-    encoder under autocast is what was designed for; the copy is tuned for CPU caches)."""
+    there is nothing to gain: SAM's ViT in float32 (already plain Linear layers once merged) and GPUs (where the plain
+    merged encoder under autocast is what was designed for; the copy is tuned for CPU caches). bf16 (default: the
+    SSAM_CPU_BF16 environment variable) wraps it, or the merged encoder itself, in bfloat16 autocast."""
     device = torch.device(device) if device is not None else next(encoder.parameters()).device
-    if encoder_kind != "tinyvit" or device.type != "cpu":
+    if device.type != "cpu":
         return None
-    # Ordinary tensors even when first asked for inside torch.inference_mode(), so the copy also serves no_grad().
-    with torch.inference_mode(False), torch.no_grad():
-        return FastTinyViT(encoder).to(device)
+    bf16 = cpu_bf16_requested() if bf16 is None else bf16
+    fast = None
+    if encoder_kind == "tinyvit":
+        # Ordinary tensors even when first asked for inside torch.inference_mode(), so it also serves no_grad().
+        with torch.inference_mode(False), torch.no_grad():
+            fast = FastTinyViT(encoder).to(device)
+    if bf16:
+        return _Bfloat16Autocast(fast if fast is not None else encoder)
+    return fast
 
 
 class FastEncoderSlot:
@@ -222,7 +251,7 @@ class FastEncoderSlot:
         # eval() (TinyViT's attention bias table), which would force a new copy per call. Tensors made inside
         # inference mode have no version counter; they cannot have been changed in place outside it.
         tensors = encoder.state_dict(keep_vars=True).values()
-        return (encoder_kind, str(device)) + tuple(
+        return (encoder_kind, str(device), cpu_bf16_requested()) + tuple(
             (t.data_ptr(), 0 if t.is_inference() else t._version) for t in tensors
         )
 

@@ -8,7 +8,8 @@ Three ways to compute the layer, all the same function:
 - merged (inference): W' is computed once by `merge()` and the wrapped layer runs as a plain Linear/Conv2d;
 - rebuilt (training): W' is rebuilt from the factors each forward, which autograd differentiates;
 - factored (training): x is multiplied by V^T, scaled by s', then by U, without forming W'; cheaper when the layer
-  sees few inputs (tokens x positions) compared with its size. `forward` picks the cheaper one per call.
+  sees few inputs (tokens x positions) compared with its size, and in training for rectangular layers, whose
+  backward pass then needs no gradient of W'. `forward` picks the cheaper one per call (`factored_is_cheaper`).
 """
 
 import contextlib
@@ -85,14 +86,33 @@ class SingularValueTuned(nn.Module):
         out_w = (width + 2 * padding[1] - self.layer.dilation[1] * (kw - 1) - 1) // stride[1] + 1
         return x.shape[0] * out_h * out_w
 
-    def factored_is_cheaper(self, x: torch.Tensor) -> bool:
-        """Multiply-adds of the two training paths for this input (forward; backward scales alike)."""
+    def factored_is_cheaper(self, x: torch.Tensor, training: bool = None) -> bool:
+        """Compare the multiply-adds of the two paths for this input.
+
+        Forward only (inference, validation): rebuilding W' costs out*r*in once, then n*out*in; the factored path
+        n*r*(in+out). A training step also runs the backward pass, where the paths differ more: the rebuilt path needs
+        the gradient of W' (another n*out*in product, besides the input's gradient) and its projection onto s'
+        (out*r*in), while the factored path, whose U and V are frozen, gets the gradient of s' from an elementwise
+        product and needs only the input's gradient (n*r*(in+out)). Rectangular layers (TinyViT's MLPs and qkv)
+        are then cheaper factored: measured 8-21% less time per forward and backward (docs/benchmarks.md). Not 1x1
+        convolutions: over TinyViT's 256 x 256 maps they are bound by memory traffic, which the factored path's extra
+        r-channel map increases (measured 1-10% slower), so they keep the forward rule. `training` defaults to:
+        gradients are recorded and a or b is trained.
+        """
         if isinstance(self.layer, nn.Conv2d) and self.layer.groups != 1:
             return False
-        out_features, in_features = self.U.shape[0], self.Vh.shape[1]
+        if training is None:
+            training = torch.is_grad_enabled() and (self.scale.requires_grad or self.shift.requires_grad)
+        if isinstance(self.layer, nn.Conv2d) and self.layer.kernel_size == (1, 1):
+            training = False
+        out_features, in_features, rank = self.U.shape[0], self.Vh.shape[1], self.rank
         n = self._inputs_per_call(x)
-        rebuilt = out_features * self.rank * in_features + n * out_features * in_features
-        factored = n * self.rank * (in_features + out_features)
+        if training:
+            rebuilt = 3 * n * out_features * in_features + 2 * out_features * rank * in_features
+            factored = 2 * n * rank * (in_features + out_features)
+        else:
+            rebuilt = out_features * rank * in_features + n * out_features * in_features
+            factored = n * rank * (in_features + out_features)
         return factored < rebuilt
 
     def _factored(self, x: torch.Tensor) -> torch.Tensor:

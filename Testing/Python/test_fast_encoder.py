@@ -147,6 +147,23 @@ def test_vit_encoders_keep_their_merged_layers():
         torch.testing.assert_close(model.encode_images(images), model.image_encoder(images))
 
 
+@pytest.mark.parametrize("base, size", [("test-tinyvit", 256), ("test-vit", 64)])
+def test_bf16_option_is_opt_in_and_close(base, size, monkeypatch):
+    model = SSAMSegmentLib.load(base=base, device="cpu", merge=True)
+    images = _ct_like_slices(1, size)
+    with torch.inference_mode():
+        exact = model.encode_images(images)
+        monkeypatch.setenv("SSAM_CPU_BF16", "1")
+        approximate = model.encode_images(images)
+        assert type(model._fast_encoder._encoder).__name__ == "_Bfloat16Autocast"
+        monkeypatch.setenv("SSAM_CPU_BF16", "0")
+        again = model.encode_images(images)
+    assert approximate.dtype == torch.float32
+    assert not torch.equal(approximate, exact), "bf16 ran"
+    assert (approximate - exact).abs().max() < 0.1 * exact.abs().max()
+    torch.testing.assert_close(again, exact, rtol=0, atol=0)
+
+
 @pytest.mark.slow
 @pytest.mark.data
 def test_litemedsam_same_masks_on_real_ct(data_dir, monkeypatch):

@@ -86,8 +86,53 @@ def test_factored_and_rebuilt_gradients_agree():
 def test_path_choice_follows_cost():
     tuned = SingularValueTuned(nn.Linear(64, 256))
     few_tokens, many_tokens = torch.randn(1, 2, 64), torch.randn(64, 1024, 64)
-    assert tuned.factored_is_cheaper(few_tokens)
-    assert not tuned.factored_is_cheaper(many_tokens)
+    assert tuned.factored_is_cheaper(few_tokens, training=False)
+    assert not tuned.factored_is_cheaper(many_tokens, training=False)
+    # A training step also pays the backward pass: the rebuilt path's weight gradient makes a rectangular layer
+    # cheaper factored even for many tokens, a square one not; 1x1 convolutions keep the forward rule.
+    assert tuned.factored_is_cheaper(many_tokens, training=True)
+    assert not SingularValueTuned(nn.Linear(128, 128)).factored_is_cheaper(torch.randn(8, 1024, 128), training=True)
+    conv = SingularValueTuned(nn.Conv2d(64, 256, 1))
+    assert not conv.factored_is_cheaper(torch.randn(1, 64, 128, 128), training=True)
+    with torch.no_grad():
+        assert not tuned.factored_is_cheaper(many_tokens), "without gradients the forward rule applies"
+    assert tuned.factored_is_cheaper(many_tokens), "with gradients and trained a, b the training rule applies"
+    tuned.scale.requires_grad_(False)
+    tuned.shift.requires_grad_(False)
+    assert not tuned.factored_is_cheaper(many_tokens), "frozen a, b: nothing to differentiate"
+
+
+def test_training_path_choice_leaves_gradients_unchanged():
+    """A whole TinyViT S-SAM model: gradients of every trained tensor are the same whether each layer is chosen by
+    the training-aware rule or by forward multiply-adds only, and the two rules do pick different paths."""
+    import SSAMSegmentLib
+
+    torch.manual_seed(4)
+    model = SSAMSegmentLib.load(base="test-tinyvit", device="cpu").train()
+    with torch.no_grad():
+        for parameter in model.trainable_parameters():
+            parameter.add_(torch.randn(parameter.shape) * 0.05)
+    images = torch.rand(2, 3, 256, 256)
+    text = torch.randn(2, model.text_dim)
+    layers = [m for m in model.image_encoder.modules() if isinstance(m, SingularValueTuned)]
+    gradients, factored_calls = [], []
+    for training_rule in (True, False):
+        calls = []
+        for layer in layers:
+            def choose(x, layer=layer, rule=training_rule):
+                factored = SingularValueTuned.factored_is_cheaper(layer, x, training=None if rule else False)
+                calls.append(factored)
+                return factored
+            layer.factored_is_cheaper = choose
+        model.zero_grad()
+        model(images, text).float().pow(2).mean().backward()
+        gradients.append([p.grad.clone() for p in model.trainable_parameters()])
+        factored_calls.append(sum(calls))
+        for layer in layers:
+            del layer.factored_is_cheaper
+    assert factored_calls[0] > factored_calls[1], "the training rule factors layers the forward rule rebuilds"
+    for got, expected in zip(*gradients):
+        torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-6)
 
 
 def test_relu_keeps_singular_values_non_negative():

@@ -139,15 +139,16 @@ def _augment_intensity(images: torch.Tensor, generator: torch.Generator) -> torc
 
 
 def _augment_geometry(inputs: torch.Tensor, masks: torch.Tensor, generator: torch.Generator):
-    """A small rotation (+-10 degrees) and, for half the slices, a zoom into a random region (up to 3x: images come
-    at any field of view, a whole abdomen or a close-up of one vertebra), else a +-10% scaling and +-5% shift; image
-    and masks together, uncovered pixels 0 as SAM's padding. No flips: labels such as 'kidney_left' are lateral."""
+    """A small rotation (+-10 degrees) and, for half the slices, a zoom between 0.6x and 3x (images come at any field
+    of view, a whole body or a close-up of one vertebra), else a +-10% scaling; the view moves anywhere the zoom
+    allows. Image and masks together, uncovered pixels 0 as SAM's padding. No flips: 'kidney_left' is lateral."""
     count = inputs.shape[0]
     angle = (torch.rand(count, generator=generator) - 0.5) * math.radians(20)
-    zoom_in = torch.rand(count, generator=generator) < 0.5
-    scale = torch.where(zoom_in, torch.exp(torch.rand(count, generator=generator) * math.log(3.0)),
+    zoom = torch.rand(count, generator=generator) < 0.5
+    log_range = math.log(3.0) - math.log(0.6)
+    scale = torch.where(zoom, torch.exp(math.log(0.6) + torch.rand(count, generator=generator) * log_range),
                         1 + (torch.rand(count, generator=generator) - 0.5) * 0.2)
-    reach = torch.where(zoom_in, 1 - 1 / scale, torch.full_like(scale, 0.05))  # how far the view may move
+    reach = (1 - 1 / scale).abs().clamp(min=0.05)  # how far the view may move
     shift = (torch.rand(count, 2, generator=generator) * 2 - 1) * reach[:, None]
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
     theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)

@@ -237,7 +237,8 @@ def build_fast_encoder(encoder: nn.Module, encoder_kind: str, device=None, bf16:
 
 class FastEncoderSlot:
     """Holds the inference copy of one model's merged encoder: built on first use, rebuilt whenever any of the
-    encoder's tensors changed since (in place, replaced or moved), so it never runs stale weights; `clear()` drops it."""
+    encoder's tensors changed since (in place, replaced or moved), so it never runs stale weights. `clear()` drops
+    it."""
 
     def __init__(self):
         self.clear()

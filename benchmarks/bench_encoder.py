@@ -64,6 +64,7 @@ def encoder_rows(base_id, repeats, threads):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             return model.encode_images(x)
 
+    difference = {}
     variants = {
         "plain pretrained encoder (baseline)": lambda: plain(x),
         "S-SAM merged, as segment runs it": lambda: model.encode_images(x),
@@ -72,12 +73,18 @@ def encoder_rows(base_id, repeats, threads):
         "S-SAM unmerged, rebuilt or factored per layer (training path)": unmerged(False),
         "S-SAM merged under bf16 autocast (option, not default)": bf16,
     }
+    onnx = _onnx_runtime_session(model, x) if base_id == "litemedsam" else None
+    if onnx is not None:
+        name = "ONNX Runtime on the folded encoder (optional package, not used by the product)"
+        variants[name] = lambda: onnx(x)
     with torch.inference_mode():
         reference = model.image_encoder(x)
-        difference = {
+        if onnx is not None:
+            difference[name] = (onnx(x) - reference).abs().max().item()
+        difference.update({
             "S-SAM merged, as segment runs it": (model.encode_images(x) - reference).abs().max().item(),
             "S-SAM merged under bf16 autocast (option, not default)": (bf16().float() - reference).abs().max().item(),
-        }
+        })
         scale = reference.abs().max().item()
         times = common.interleaved(variants, repeats)
     baseline = common.median(times["plain pretrained encoder (baseline)"])
@@ -88,6 +95,34 @@ def encoder_rows(base_id, repeats, threads):
                      common.spread(values), note])
     fast = model._fast_encoder._encoder
     return rows, type(fast).__name__ if fast is not None else "none (plain merged layers)"
+
+
+def _onnx_runtime_session(model, x):
+    """If onnxruntime is installed: the fast copy's folded TinyViT exported to ONNX (TorchScript exporter) and run by
+    ONNX Runtime on the CPU with the same thread count; a function images -> embeddings. None otherwise."""
+    import io
+    import time
+
+    import torch
+
+    try:
+        import onnxruntime
+    except ImportError:
+        return None
+    with torch.inference_mode():
+        model.encode_images(x)
+    folded = model._fast_encoder._encoder.encoder  # TinyViT with BatchNorm folded, its own forward
+    buffer = io.BytesIO()
+    start = time.perf_counter()
+    with torch.no_grad():
+        torch.onnx.export(folded, (x,), buffer, dynamo=False, opset_version=17)
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    session = onnxruntime.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
+    print(f"ONNX export and session: {time.perf_counter() - start:.1f} s", flush=True)
+    name = session.get_inputs()[0].name
+    return lambda images: torch.from_numpy(session.run(None, {name: images.numpy()})[0])
 
 
 _PHASES = textwrap.dedent("""
@@ -179,10 +214,17 @@ def main():
         base_rows, fast_kinds[base_id] = encoder_rows(base_id, args.repeats, args.threads)
         rows += base_rows
     header = ["base", "encoder", "time / plain", "median s", "min-max s", "note"]
+    try:
+        import onnxruntime
+
+        onnx_note = (f" ONNX Runtime {onnxruntime.__version__} was importable (`pip install onnxruntime onnx`), so "
+                     "its row shows what that optional package would give.")
+    except ImportError:
+        onnx_note = ""
     body = [
         "Encoder time per 256x256 slice (batch 1), CPU. The product's path is `S-SAM merged, as segment runs it` ("
         + ", ".join(f"{base}: {kind}" for base, kind in fast_kinds.items()) + "). Goal: merged within 5% of the "
-        "plain pretrained encoder.",
+        "plain pretrained encoder." + onnx_note,
         "",
         common.table(header, rows),
     ]

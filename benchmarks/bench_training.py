@@ -48,7 +48,7 @@ def real_batch(model, count):
     return torch.stack(inputs), torch.stack(targets).float()
 
 
-def trainer(tune):
+def trainer(base, tune):
     """A model in training mode, its optimizer, and the text embeddings of the labels."""
     import torch
 
@@ -56,9 +56,12 @@ def trainer(tune):
     from SSAMSegmentLib.loading import DEFAULT_ADAPTER
 
     torch.manual_seed(0)
-    model = SSAMSegmentLib.load(base="litemedsam", device="cpu")
-    if DEFAULT_ADAPTER.is_file():  # its label embeddings; the trained values do not change the cost
+    model = SSAMSegmentLib.load(base=base, device="cpu")
+    if base == "litemedsam" and DEFAULT_ADAPTER.is_file():  # its label embeddings; trained values cost the same
         model.load_adapter(DEFAULT_ADAPTER)
+    for index, label in enumerate(LABEL_VALUES):
+        if not model.labels.knows(label):
+            model.labels.add(label, torch.randn(model.text_dim, generator=torch.Generator().manual_seed(index)))
     if tune == "norms":
         model.freeze_singular_values()
     model.train()
@@ -169,14 +172,16 @@ def main():
     parser.add_argument("--batch", type=int, default=4, help="slices per step (default 4)")
     parser.add_argument("--micro", type=int, nargs="+", default=[1, 4], help="micro-batch sizes to compare")
     parser.add_argument("--profile", action="store_true", help="list the operators that make the difference")
+    parser.add_argument("--base", default="litemedsam", help="base model (a test-* base for a quick smoke run)")
+    parser.add_argument("--skip-layers", action="store_true", help="skip the single-layer rebuilt/factored table")
     parser.add_argument("--previous-rule", action="store_true",
-                        help="also time S-SAM with the forward-only rebuilt/factored choice (before the training-aware one)")
+                        help="also time S-SAM with the forward-only rebuilt/factored rule (the rule before)")
     parser.set_defaults(repeats=2)
     args = parser.parse_args()
     common.set_threads(args.threads)
 
-    ssam = trainer("ssam")
-    norms = trainer("norms")
+    ssam = trainer(args.base, "ssam")
+    norms = trainer(args.base, "norms")
     inputs, targets = real_batch(ssam[0], args.batch)
     pairs = args.batch * len(LABEL_VALUES)
     variants = {}
@@ -194,10 +199,13 @@ def main():
         seconds = common.median(values)
         rows.append([name, f"{seconds / baseline:.2f}", f"{seconds:.1f}", common.spread(values),
                      f"{pairs / seconds:.2f}"])
-    ratios = [f"micro-batch {micro}: {common.median(times[f'S-SAM, micro-batch {micro}']) / common.median(times[f'norms-only, micro-batch {micro}']):.2f}x"
-              for micro in args.micro]
+    ratios = []
+    for micro in args.micro:
+        ssam_seconds = common.median(times[f"S-SAM, micro-batch {micro}"])
+        ratio = ssam_seconds / common.median(times[f"norms-only, micro-batch {micro}"])
+        ratios.append(f"micro-batch {micro}: {ratio:.2f}x")
     body = [
-        f"One step: {args.batch} real CT slices (example_ct_sm, the slices with most labelled voxels) x "
+        f"{args.base}, one step: {args.batch} real CT slices (example_ct_sm, the slices with most labelled voxels) x "
         f"{len(LABEL_VALUES)} labels ({', '.join(LABEL_VALUES)}) = {pairs} (slice, label) samples, 256x256, focal + "
         f"Dice loss, AdamW, interleaved, {args.repeats} rounds (medians). S-SAM against norms-only on the same "
         f"batch: {'; '.join(ratios)} (goal <= 1.3x).",
@@ -205,11 +213,12 @@ def main():
         common.table(["step", f"time / norms-only (micro {args.micro[0]})", "median s", "min-max s",
                       "samples / s"], rows),
     ]
-    body += ["", "Forward + backward of single tuned layers (interleaved medians): W' rebuilt, whose backward needs the "
-             "gradient of W', against the factored U s' V^T path, whose backward does not; the last column is the "
-             "training-aware choice of `SingularValueTuned.factored_is_cheaper`.", "",
-             common.table(["layer", "rebuilt ms", "factored ms", "factored / rebuilt", "chosen in training"],
-                          path_rows(args.repeats + 2))]
+    if not args.skip_layers:
+        body += ["", "Forward + backward of single tuned layers (interleaved medians): W' rebuilt, whose backward "
+                 "needs the gradient of W', against the factored U s' V^T path, whose backward does not; the last "
+                 "column is the training-aware choice of `SingularValueTuned.factored_is_cheaper`.", "",
+                 common.table(["layer", "rebuilt ms", "factored ms", "factored / rebuilt", "chosen in training"],
+                              path_rows(args.repeats + 2))]
     if args.profile:
         first = args.micro[0]
         differences = operator_differences({

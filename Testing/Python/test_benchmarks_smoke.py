@@ -1,0 +1,61 @@
+"""The benchmark scripts run end to end on the small test bases (so they cannot rot), print their table and write
+their section of a benchmarks markdown file, replacing it on a second run rather than appending."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+BENCHMARKS = REPO / "benchmarks"
+
+
+def _run(script, *args, docs):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    result = subprocess.run([sys.executable, str(BENCHMARKS / script), "--threads", "1", "--repeats", "1",
+                             "--docs", str(docs), *args], capture_output=True, text=True, env=env, timeout=600,
+                            cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def _section(docs, name):
+    text = docs.read_text()
+    start, end = f"<!-- benchmark:{name} -->", f"<!-- /benchmark:{name} -->"
+    assert text.count(start) == 1 and text.count(end) == 1, "one section per benchmark, replaced on each run"
+    body = text[text.index(start):text.index(end)]
+    assert "Command: `python benchmarks/" in body and "Machine: " in body and "Date: " in body
+    return body
+
+
+def test_encoder_benchmark_on_test_bases(tmp_path):
+    docs = tmp_path / "benchmarks.md"
+    docs.write_text("# Benchmarks\n\nKept text.\n")
+    for _ in range(2):
+        output = _run("bench_encoder.py", "--bases", "test-tinyvit", "test-vit", "--skip-load", docs=docs)
+    body = _section(docs, "encoder")
+    assert "Kept text." in docs.read_text()
+    for row in ("plain pretrained encoder (baseline)", "S-SAM merged, as segment runs it",
+                "W' rebuilt every forward (reference code)", "bf16 autocast"):
+        assert row in output and row in body
+    assert "test-tinyvit: FastTinyViT" in body
+
+
+@pytest.mark.slow
+@pytest.mark.data
+def test_segment_and_training_benchmarks_on_real_ct(data_dir, tmp_path):
+    docs = tmp_path / "benchmarks.md"
+    output = _run("bench_segment.py", "--base", "test-tinyvit", "--slices", "1", docs=docs)
+    body = _section(docs, "segment")
+    assert "product: segment_image" in body and "naive: reference-code loop" in body
+    assert "GFLOP per 256x256 slice" in output and "share of matmul peak" in output
+
+    output = _run("bench_training.py", "--base", "test-tinyvit", "--batch", "2", "--micro", "1", "2",
+                  "--skip-layers", docs=docs)
+    body = _section(docs, "training")
+    _section(docs, "segment")  # the other benchmark's section is kept
+    for row in ("S-SAM, micro-batch 1", "norms-only, micro-batch 2"):
+        assert row in output and row in body
+    assert "samples / s" in body

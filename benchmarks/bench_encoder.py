@@ -19,11 +19,11 @@ import textwrap
 import bench_common as common
 
 
-def _images(count=1):
+def _images(size, count=1):
     import torch
 
     generator = torch.Generator().manual_seed(0)
-    return torch.rand(count, 3, 256, 256, generator=generator)
+    return torch.rand(count, 3, size, size, generator=generator)
 
 
 def _plain_encoder(base_id, weights, image_size):
@@ -52,7 +52,7 @@ def encoder_rows(base_id, repeats, threads):
     weights = "auto" if base_id == "litemedsam" else "none"
     model = SSAMSegmentLib.load(base=base_id, weights=weights, device="cpu", merge=True)
     plain = _plain_encoder(base_id, weights, model.image_size)
-    x = _images()
+    x = _images(model.image_size)  # 256 for both real bases
 
     def unmerged(rebuild_only):
         def run():

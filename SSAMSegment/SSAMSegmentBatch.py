@@ -11,9 +11,12 @@ the same function as `ssam segment`; outputs are written only once complete.
 """
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: spinning waits stall under shared CPUs
 
 _SCRIPT = Path(globals().get("__file__") or sys.argv[0]).resolve()
 # Installed, SSAMSegmentLib sits next to this script; in the source tree it is one folder up.

@@ -63,6 +63,8 @@ class BackgroundTask:
         (self.folder / "job.json").write_text(json.dumps(job), encoding="utf-8")
         child_env = dict(os.environ if env is None else env)
         child_env["PYTHONUNBUFFERED"] = "1"
+        # Spinning OpenMP waits make PyTorch several times slower while Slicer's own threads hold a core.
+        child_env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         flags = getattr(subprocess, "CREATE_NO_WINDOW", 0) if os.name == "nt" else 0
         # The library's folder goes on sys.path by the command itself: a launcher may rewrite PYTHONPATH.
         code = (f"import sys; sys.path.insert(0, {str(LIBRARY_PARENT)!r}); "

@@ -5,7 +5,12 @@ Every command turns a user-fixable problem (SSAMError) into one line on stderr a
 """
 
 import argparse
+import os
 import sys
+
+# OpenMP threads that wait by spinning make PyTorch several times slower whenever another process holds a core
+# (a second job, a browser): wait passively. Set before torch is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from . import __version__
 from .devices import DEVICE_CHOICES

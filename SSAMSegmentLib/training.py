@@ -489,7 +489,10 @@ def train(config: TrainingConfig, progress: Optional[Callable[[TrainingProgress]
                     report(TrainingProgress(epoch + 1, config.epochs, state["global_step"], total_steps, record["loss"],
                                             None, None, "validating", phase="validate"))
                     tick = time.perf_counter()
-                    dice, classic = validate(model, val_bank, text, device, cancel=cancel)
+                    try:
+                        dice, classic = validate(model, val_bank, text, device, cancel=cancel)
+                    except Cancelled:  # the epoch's steps are done: the checkpoint resumes at its validation
+                        raise interrupted("training cancelled during validation") from None
                     val_seconds = time.perf_counter() - tick
                     scored = [value for value in dice.values() if value is not None]
                     record.update(val_dice=float(np.mean(scored)) if scored else None, val_dice_per_label=dice,

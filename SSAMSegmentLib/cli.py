@@ -108,6 +108,8 @@ def _segment(args) -> int:
     from .segment_files import check_output_path, default_output, segment_file
 
     output = check_output_path(args.output or default_output(args.input))
+    if args.precision == "bf16":
+        os.environ["SSAM_CPU_BF16"] = "1"  # read when the fast encoder is built (fast_encoder.py)
     model = load(base=args.base, adapter=args.adapter or "default", device=args.device, merge=True)
     update, close = _progress_bar("segmenting")
     try:
@@ -167,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--intensity", choices=INTENSITY_MODES, default="auto", help="intensity normalisation")
     segment.add_argument("--window", help="CT window as LEVEL,WIDTH in HU (e.g. 40,400)")
     segment.add_argument("--preview", help="also write a PNG montage of the slices with most foreground")
+    segment.add_argument("--precision", choices=("float32", "bf16"), default="float32",
+                         help="bf16: about 2x faster on CPUs with native bfloat16, masks differ slightly (Dice ~0.95-0.99 "
+                              "against float32)")
     segment.set_defaults(run=_segment)
 
     evaluate = commands.add_parser("evaluate", help="Dice, IoU and HD95 of predictions against references")

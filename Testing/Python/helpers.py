@@ -29,3 +29,15 @@ def write_code_running_pickle(path, marker):
 
     path.write_bytes(pickle.dumps(Payload()))
     return path
+
+
+def grid_image(array, spacing, origin, direction=None):
+    """A SimpleITK image of `array` (numpy order) on a given grid, unchecked (tests also build invalid inputs)."""
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(spacing)
+    image.SetOrigin(origin)
+    if direction is not None:
+        image.SetDirection(direction)
+    return image

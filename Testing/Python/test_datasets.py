@@ -13,6 +13,8 @@ from SSAMSegmentLib.datasets import (Case, Dataset, DatasetProblems, memory_data
                                      split_record)
 from SSAMSegmentLib.errors import SSAMError
 
+from helpers import grid_image
+
 OBLIQUE = (0.9396926, -0.3420201, 0.0, 0.3420201, 0.9396926, 0.0, 0.0, 0.0, 1.0)  # 20 degrees about z
 
 
@@ -50,12 +52,7 @@ def synthetic_ct(seed, organs=(1, 2, 3), shape=(16, 40, 48)):
 
 
 def to_image(array, spacing=(0.8, 0.8, 2.5), origin=(-20.0, 10.0, 35.0), direction=None):
-    image = sitk.GetImageFromArray(array)
-    image.SetSpacing(spacing)
-    image.SetOrigin(origin)
-    if direction is not None:
-        image.SetDirection(direction)
-    return image
+    return grid_image(array, spacing, origin, direction)
 
 
 def write(image, path):

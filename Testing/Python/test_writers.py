@@ -14,18 +14,15 @@ from SSAMSegmentLib.image_io import read_image, same_geometry
 from SSAMSegmentLib.seg_nrrd import read_seg_nrrd, segment_colors
 from SSAMSegmentLib.writers import (sidecar_path, write_label_map, write_outputs, write_preview_png)
 
+from helpers import grid_image
+
 SHAPE = (24, 64, 80)  # z, y, x
 SPACING = (0.8, 0.8, 2.5)
 ORIGIN = (-30.0, 12.5, -88.0)
 
 
 def on_grid(array, direction=None):
-    image = sitk.GetImageFromArray(array)
-    image.SetSpacing(SPACING)
-    image.SetOrigin(ORIGIN)
-    if direction is not None:
-        image.SetDirection(direction)
-    return image
+    return grid_image(array, SPACING, ORIGIN, direction)
 
 
 def ellipsoid(center, radii, shape=SHAPE):

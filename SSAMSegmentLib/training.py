@@ -53,6 +53,7 @@ class TrainingConfig:
     val_data: object = None  # validation dataset(s) instead of a split of `data`
     micro_batch: Optional[int] = None  # slices per forward/backward pass; default 1 on CPU, batch_size on GPU
     tune: str = "ssam"  # "ssam": the full S-SAM set; "norms": a, b frozen (the paper's ablation baseline)
+    lr_singular_values: Optional[float] = None  # learning rate of the scales and shifts (default: lr)
 
     def checkpoint_path(self) -> Path:
         if self.checkpoint:
@@ -64,7 +65,7 @@ class TrainingConfig:
     def fingerprint(self) -> dict:
         """What a resumed run must share with the run that wrote the checkpoint."""
         keys = ("base", "text_encoder", "batch_size", "lr", "weight_decay", "seed", "axis", "balanced", "augment",
-                "image_size", "val_fraction", "tune")
+                "image_size", "val_fraction", "tune", "lr_singular_values")
         return {key: getattr(self, key) for key in keys}
 
 
@@ -337,6 +338,20 @@ def _restrict(dataset, labels):
     return dataset
 
 
+def _parameter_groups(model, config):
+    """AdamW groups: the singular values' scales and shifts may learn more slowly than the rest (lr_singular_values):
+    a shift of b moves every singular value by the same amount, which for the small ones of a 69-matrix encoder is
+    a large relative change; the Text Affine Layer, learnt from scratch, needs the larger rate."""
+    names = model.trainable_names()
+    trainable = {name: p for name, p in model.named_parameters() if name in names and p.requires_grad}
+    singular = [p for name, p in trainable.items() if names[name] == "singular values"]
+    rest = [p for name, p in trainable.items() if names[name] != "singular values"]
+    groups = [{"params": rest}]
+    if singular:
+        groups.append({"params": singular, "lr": config.lr_singular_values or config.lr})
+    return groups
+
+
 def _prepare_data(config):
     """(dataset, training cases, validation cases). Validation cases come from `val_data` when given, else from a
     seeded split by case of each training dataset."""
@@ -419,7 +434,7 @@ def train(config: TrainingConfig, progress: Optional[Callable[[TrainingProgress]
         total_steps = min(total_steps, config.max_steps)
 
     micro_batch = config.micro_batch or (1 if device.type == "cpu" else config.batch_size)
-    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(_parameter_groups(model, config), lr=config.lr, weight_decay=config.weight_decay)
     reduced = autocast_dtype(device)
     scaler = torch.amp.GradScaler(device.type, enabled=reduced == torch.float16)
     state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best": None, "history": [], "elapsed": 0.0,

@@ -31,6 +31,8 @@ def add_arguments(parser):
     parser.add_argument("--micro-batch", type=int, help="slices per forward/backward pass (gradients accumulate over "
                                                         "the batch; default 1 on CPU, the batch size on GPU)")
     parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--lr-singular-values", type=float, help="learning rate of the singular values' scales and "
+                                                                   "shifts (default: --lr)")
     parser.add_argument("--val-fraction", type=float, default=0.2, help="share of cases held out for validation")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", help="checkpoint to continue from (<output>.checkpoint.safetensors)")
@@ -51,6 +53,7 @@ def run(args) -> int:
         data=args.data, output=args.output, base=args.base, text_encoder=args.text_encoder,
         labels=[x.strip() for x in args.labels.split(",") if x.strip()] if args.labels else None,
         epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, micro_batch=args.micro_batch, lr=args.lr,
+        lr_singular_values=args.lr_singular_values,
         val_fraction=args.val_fraction, val_data=args.val_data, seed=args.seed, resume=args.resume, device=args.device, axis=args.axis,
         balanced=args.balanced, augment=not args.no_augment, tune=args.tune, image_size=args.image_size,
     )

@@ -69,55 +69,69 @@ def box_baseline(data: Path, labels):
     return {name: (float(np.mean(v)) if v else None) for name, v in scores.items()}
 
 
-def run(data: Path, work: Path, epochs: int, batch: int, lr: float, seed: int):
+def variant_name(tune, lr_singular_values):
+    return tune if lr_singular_values is None else f"{tune}-sv{lr_singular_values:g}"
+
+
+def run(data: Path, work: Path, variants, epochs: int, batch: int, lr: float, seed: int):
+    """Train each (tune, lr of the singular values or None for lr) variant; a finished or interrupted run in `work`
+    is resumed, so the script can be re-run to add a variant."""
     results = {}
-    for tune in ("ssam", "norms"):
+    for tune, lr_singular_values in variants:
+        name = variant_name(tune, lr_singular_values)
+        checkpoint = work / f"{name}.adapter.checkpoint.safetensors"
         start = time.time()
         config = TrainingConfig(data=[str(data / d) for d in TRAIN], val_data=[str(data / d) for d in VAL],
-                                labels=LABELS, output=str(work / f"{tune}.adapter.safetensors"), base="litemedsam",
-                                epochs=epochs, batch_size=batch, lr=lr, seed=seed, tune=tune,
-                                resume=str(work / f"{tune}.adapter.checkpoint.safetensors")
-                                if (work / f"{tune}.adapter.checkpoint.safetensors").exists() else None)
-        result = train(config, progress=lambda u: print(f"{tune}: {u.message} step {u.step}/{u.total_steps} "
+                                labels=LABELS, output=str(work / f"{name}.adapter.safetensors"), base="litemedsam",
+                                epochs=epochs, batch_size=batch, lr=lr, lr_singular_values=lr_singular_values,
+                                seed=seed, tune=tune, resume=str(checkpoint) if checkpoint.exists() else None)
+        result = train(config, progress=lambda u: print(f"{name}: {u.message} step {u.step}/{u.total_steps} "
                                                         f"loss {u.loss}", flush=True) if u.phase == "validate" else None)
-        results[tune] = (result, time.time() - start)
+        results[name] = (result, result.summary.get("train_seconds") or time.time() - start)
     return results
 
 
-def table(results, box, labels, command, epochs):
-    ssam, norms = results["ssam"][0], results["norms"][0]
+def _describe(name, lr):
+    if name == "norms":
+        return "norms-only"
+    return "S-SAM" + (f" (singular values at lr {name.split('-sv')[1]})" if "-sv" in name else "")
+
+
+def table(results, box, labels, command, epochs, lr):
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-    lines = [
-        "| label | S-SAM Dice | S-SAM classic | norms-only Dice | norms-only classic | box prompt classic |",
-        "|---|---|---|---|---|---|",
-    ]
-    for name in labels:
-        lines.append(f"| {name} | {fmt(ssam.val_dice.get(name))} | {fmt(ssam.val_dice_classic.get(name))} | "
-                     f"{fmt(norms.val_dice.get(name))} | {fmt(norms.val_dice_classic.get(name))} | {fmt(box.get(name))} |")
-    best = lambda r: next((h for h in r.history if h.get("val_dice_per_label") == r.val_dice), {})  # noqa: E731
+    names = list(results)
+    header = "| label | " + " | ".join(f"{_describe(n, lr)} Dice | classic" for n in names) + " | box prompt classic |"
+    lines = [header, "|---|" + "---|---|" * len(names) + "---|"]
+    for label in labels:
+        cells = " | ".join(f"{fmt(results[n][0].val_dice.get(label))} | {fmt(results[n][0].val_dice_classic.get(label))}"
+                           for n in names)
+        lines.append(f"| {label} | {cells} | {fmt(box.get(label))} |")
+    best_epoch = lambda r: next((h["epoch"] for h in r.history if h.get("val_dice_per_label") == r.val_dice), None)  # noqa: E731
+    kept = ", ".join(f"{_describe(n, lr)}: epoch {best_epoch(results[n][0])}" for n in names)
+    times = ", ".join(f"{_describe(n, lr)} {results[n][1] / 60:.0f} min" for n in names)
     return f"""# Fine-tuning: S-SAM against norms-only tuning and box prompts
 
 Real data from the shared folder, laid out by `scripts/build_default_training_data.py`: training on the
 TotalSegmentator CT and MR samples (predicted labels) and 4 Kvasir-SEG polyp images; validation on another CT
 (predicted labels), the dcmqi CT with manual liver and spine outlines, and the 5th polyp image. Labels: {', '.join(labels)}.
-Both adapters: LiteMedSAM base, MiniLM text prompts, {epochs} epochs, the same seed, lr, batch and augmentation; the
-best epoch by validation Dice is kept (S-SAM: epoch {best(ssam).get('epoch')}, norms-only: epoch {best(norms).get('epoch')}).
-The box prompt is the untuned base given the bounding box of the true mask on each slice where the label is present.
+All adapters: LiteMedSAM base, MiniLM text prompts, {epochs} epochs, lr {lr:g}, the same seed, batch and
+augmentation; they differ only in what is trained (and, where named, the singular values' learning rate). Each keeps
+its best epoch by validation Dice ({kept}). The box prompt is the untuned base given the bounding box of the true
+mask on each slice where the label is present.
 
 "Dice" counts an empty prediction of an absent label as 1 (the S-SAM paper's reading); "classic" averages only over
 slices where the label is present, the only reading a box prompt has.
 
 {chr(10).join(lines)}
 
-Command ({time.strftime('%Y-%m-%d')}, 2-core CPU):
+Command ({time.strftime('%Y-%m-%d')}, 2-core CPU shared with other jobs):
 
 ```
 {command}
 ```
 
-Training time: S-SAM {results['ssam'][1] / 60:.0f} min, norms-only {results['norms'][1] / 60:.0f} min (shared machine).
-This is a small study (54 training slices, 24 validation slices): it shows the method working on real data
-end to end, not the paper's figures.
+Training time: {times}. This is a small study (54 training slices, 24 validation slices): it shows the method
+working on real data end to end, not the paper's figures.
 """
 
 
@@ -129,13 +143,16 @@ def main():
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ssam-lr-singular-values", type=lambda v: None if v == "lr" else float(v), nargs="+",
+                        default=[None], help="S-SAM variants: the singular values' learning rate ('lr': the same)")
     parser.add_argument("--output", type=Path, default=REPO / "docs" / "fine_tuning.md")
     args = parser.parse_args()
     torch.set_num_threads(2)
     command = "python benchmarks/compare_tuning.py " + " ".join(sys.argv[1:])
-    results = run(args.data, args.work, args.epochs, args.batch_size, args.lr, args.seed)
+    variants = [("ssam", value) for value in args.ssam_lr_singular_values] + [("norms", None)]
+    results = run(args.data, args.work, variants, args.epochs, args.batch_size, args.lr, args.seed)
     box = box_baseline(args.data, LABELS)
-    text = table(results, box, LABELS, command, args.epochs)
+    text = table(results, box, LABELS, command, args.epochs, args.lr)
     args.output.write_text(text)
     print(text)
 

@@ -288,7 +288,8 @@ class _Events:
         self._handle = open(folder / EVENTS, "a", encoding="utf-8")
 
     def emit(self, event: str, **fields) -> None:
-        self._handle.write(json.dumps(dict(fields, event=event), default=_json_value) + "\n")
+        # The wall-clock time lets the parent tell events written before its Cancel from those written after.
+        self._handle.write(json.dumps(dict(fields, event=event, time=time.time()), default=_json_value) + "\n")
         self._handle.flush()
 
 

@@ -65,8 +65,11 @@ class TrainingConfig:
     def fingerprint(self) -> dict:
         """What a resumed run must share with the run that wrote the checkpoint."""
         keys = ("base", "text_encoder", "batch_size", "lr", "weight_decay", "seed", "axis", "balanced", "augment",
-                "image_size", "val_fraction", "tune", "lr_singular_values")
-        return {key: getattr(self, key) for key in keys}
+                "image_size", "val_fraction", "tune")
+        fingerprint = {key: getattr(self, key) for key in keys}
+        if self.lr_singular_values is not None:  # absent: one learning rate, as in checkpoints from before the option
+            fingerprint["lr_singular_values"] = self.lr_singular_values
+        return fingerprint
 
 
 @dataclasses.dataclass

@@ -28,7 +28,6 @@ for _folder in (_MODULE_DIR, _MODULE_DIR.parent):
         break
 
 try:  # the Slicer application
-    import ctk
     import qt
     from slicer.ScriptedLoadableModule import (
         ScriptedLoadableModule,

@@ -28,7 +28,6 @@ def _images(size, count=1):
 
 def _plain_encoder(base_id, weights, image_size):
     """The base's own encoder (no S-SAM wrappers), its positional embedding pooled to `image_size` as S-SAM does."""
-    import torch
     from torch import nn
 
     from SSAMSegmentLib.bases import build_base

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # How the default adapter in Resources/Models was made: lay out the real images of ../shared/data (symlinks and
 # derived label maps, nothing copied into the repository), train with `ssam train`, write the model card.
-# About 3 hours on a 2-core CPU. Usage: bash scripts/train_default_adapter.sh [WORK_DIR]
+# About 1 hour on an idle 2-core CPU. Usage: bash scripts/train_default_adapter.sh [WORK_DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA="${1:-/tmp/ssam-default-data}"

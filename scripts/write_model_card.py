@@ -25,6 +25,18 @@ def _fmt(value):
     return "-" if value is None else f"{value:.3f}"
 
 
+def _settings(training: dict) -> str:
+    parts = [f"tuned: {training.get('tune', 'ssam')}", f"batch {training.get('batch_size')} slices (each with all its labels)",
+             f"AdamW lr {training.get('lr')}"]
+    if training.get("lr_singular_values") is not None:
+        parts.append(f"lr {training['lr_singular_values']} for the singular values' scales and shifts")
+    parts.append(f"weight decay {training.get('weight_decay', 0.01)}")
+    if training.get("balanced"):
+        parts.append("class-balanced sampling")
+    parts.append(f"seed {training.get('seed')}")
+    return ", ".join(parts)
+
+
 def card(adapter: Path, command: str) -> str:
     meta = read_metadata(adapter)
     training = meta.get("training") or {}
@@ -63,9 +75,8 @@ Mean Dice: {_fmt(training.get('val_dice'))} after epoch {training.get('epochs')}
 epoch by validation Dice.
 
 ## Training
-- Settings: batch {training.get('batch_size')} slices (each with all its labels), lr {training.get('lr')}, seed
-  {training.get('seed')}, AdamW (weight decay 0.01), focal + Dice loss, light augmentation (intensity jitter,
-  rotation, zoom), CPU ({training.get('train_seconds')} s in all).
+- Settings: {_settings(training)}, focal + Dice loss, light augmentation (intensity jitter, rotation, zoom),
+  CPU ({training.get('train_seconds')} s in all).
 - Command:
 
 ```

@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     training_cli.add_arguments(train)
     train.set_defaults(run=training_cli.run)
 
-    demo = commands.add_parser("demo", help="segment a real CT slice with the shipped default adapter")
+    demo = commands.add_parser("demo", help="segment two real images (nuclei, CT) with the shipped default adapter")
     demo.add_argument("--output", default="ssam-demo", help="output folder (default ./ssam-demo)")
     demo.add_argument("--device", default="auto")
     demo.set_defaults(run=_demo)

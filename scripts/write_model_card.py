@@ -58,8 +58,9 @@ offline: 57 training slices, and its CT labels are another model's predictions. 
 
 ## Training data
 All from the project's shared real-data folder, laid out by `scripts/build_default_training_data.py`; validation
-cases are never trained on. The demo image (pydicom's `CT_small.dcm`, a chest CT slice) was **not** used in training or
-validation.
+cases are never trained on. `ssam demo` segments two images: the 4th nuclei tile, which is the nuclei-val case
+(validation only, never trained on; the other three tiles of that image were trained on), and pydicom's `CT_small.dcm`,
+a chest CT slice used neither in training nor in validation.
 
 {DATA_NOTES}
 ## Validation Dice (unseen cases)

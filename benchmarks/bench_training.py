@@ -13,6 +13,7 @@ differs most between the two (one micro-batch-1 step each).
 
 import contextlib
 import functools
+from pathlib import Path
 
 import bench_common as common
 
@@ -21,7 +22,7 @@ CT = common.REPO.parent / "shared" / "data" / "totalsegmentator-ct"
 LABEL_VALUES = {"liver": (5,), "spleen": (1,), "kidney": (2, 3), "stomach": (6,)}
 
 
-def real_batch(model, count):
+def real_batch(model, count, folder=CT):
     """(inputs, targets): the `count` axial slices of example_ct_sm with the most labelled voxels, preprocessed as
     training does (window, resize, normalise, pad), and their masks for every label."""
     import numpy as np
@@ -31,8 +32,8 @@ def real_batch(model, count):
     from SSAMSegmentLib.intensity import choose_mapping
     from SSAMSegmentLib.preprocessing import to_model_input, to_model_mask
 
-    image = sitk.ReadImage(str(CT / "example_ct_sm.nii.gz"))
-    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(CT / "example_seg.nii.gz")))
+    image = sitk.ReadImage(str(Path(folder) / "example_ct_sm.nii.gz"))
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(Path(folder) / "example_seg.nii.gz")))
     volume = sitk.GetArrayFromImage(image)
     mapping = choose_mapping(image, "auto", None)
     chosen = np.argsort([np.count_nonzero(np.isin(labels[z], sum(LABEL_VALUES.values(), ()))) for z in
@@ -170,6 +171,8 @@ def operator_differences(runs, top=12):
 def main():
     parser = common.arguments(__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=4, help="slices per step (default 4)")
+    parser.add_argument("--ct-folder", default=str(CT),
+                        help="folder with example_ct_sm.nii.gz and example_seg.nii.gz (default: the shared data's)")
     parser.add_argument("--micro", type=int, nargs="+", default=[1, 4], help="micro-batch sizes to compare")
     parser.add_argument("--profile", action="store_true", help="list the operators that make the difference")
     parser.add_argument("--base", default="litemedsam", help="base model (a test-* base for a quick smoke run)")
@@ -182,7 +185,7 @@ def main():
 
     ssam = trainer(args.base, "ssam")
     norms = trainer(args.base, "norms")
-    inputs, targets = real_batch(ssam[0], args.batch)
+    inputs, targets = real_batch(ssam[0], args.batch, args.ct_folder)
     pairs = args.batch * len(LABEL_VALUES)
     variants = {}
     for micro in args.micro:

@@ -47,13 +47,15 @@ def test_encoder_benchmark_on_test_bases(tmp_path):
 @pytest.mark.data
 def test_segment_and_training_benchmarks_on_real_ct(data_dir, tmp_path):
     docs = tmp_path / "benchmarks.md"
-    output = _run("bench_segment.py", "--base", "test-tinyvit", "--slices", "1", docs=docs)
+    ct = data_dir / "totalsegmentator-ct"
+    output = _run("bench_segment.py", "--base", "test-tinyvit", "--slices", "1", "--image",
+                  str(ct / "example_ct_sm.nii.gz"), docs=docs)
     body = _section(docs, "segment")
     assert "product: segment_image" in body and "naive: reference-code loop" in body
     assert "GFLOP per 256x256 slice" in output and "share of matmul peak" in output
 
     output = _run("bench_training.py", "--base", "test-tinyvit", "--batch", "2", "--micro", "1", "2",
-                  "--skip-layers", docs=docs)
+                  "--skip-layers", "--ct-folder", str(ct), docs=docs)
     body = _section(docs, "training")
     _section(docs, "segment")  # the other benchmark's section is kept
     for row in ("S-SAM, micro-batch 1", "norms-only, micro-batch 2"):

@@ -16,7 +16,7 @@ SAM's ViT gets no copy: merging already leaves plain Linear layers, and nothing 
 there (docs/benchmarks.md).
 
 Option, off by default: SSAM_CPU_BF16=1 in the environment runs the CPU encoder (either kind) under bfloat16
-autocast, 2-3x faster on CPUs with native bf16 (AVX512-BF16, AMX) but no longer the same masks: embeddings differ by
+autocast, 1.3-2.4x faster (measured) on CPUs with native bf16 (AVX512-BF16, AMX) but no longer the same masks: embeddings differ by
 about 1-5% of their range (docs/benchmarks.md has the masks' agreement on real CT). Slower on CPUs without bf16.
 """
 
@@ -95,9 +95,11 @@ class FastTinyViT(nn.Module):
     computed in cache-sized pieces. Every piece is independent of the others (pixels for 1x1 convolutions and MLPs,
     windows for attention, row bands with their halo for k x k convolutions), so the result is the same function."""
 
-    strip_rows = 16  # output rows per band of the 256 x 256 stage: about 5 MB of hidden activations
-    mlp_chunk_bytes = 4 << 20  # MLP hidden activations per chunk of tokens
-    attention_chunk_bytes = 1 << 20  # attention scores per chunk of windows
+    # Piece sizes measured on two 2-core machines (docs/benchmarks.md): on an idle Xeon these were 0.61 s per slice
+    # against 0.80 s for the sizes chosen on a busy EPYC (16 rows, 4 MB, 1 MB), where smaller pieces had won.
+    strip_rows = 32  # output rows per band of the 256 x 256 stage: about 10 MB of hidden activations
+    mlp_chunk_bytes = 16 << 20  # MLP hidden activations per chunk of tokens
+    attention_chunk_bytes = 4 << 20  # attention scores per chunk of windows
 
     def __init__(self, encoder: nn.Module):
         super().__init__()

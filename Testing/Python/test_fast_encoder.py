@@ -52,6 +52,19 @@ def test_fast_copy_matches_the_plain_merged_encoder():
     torch.testing.assert_close(single[0], fast[1], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("pieces", [(8, 1 << 16, 1 << 14), (64, 64 << 20, 64 << 20)])
+def test_piece_sizes_do_not_change_the_embeddings(pieces):
+    """Bands, MLP chunks and attention chunks are independent pieces: tiny ones (many pieces, partial last ones) and
+    whole-stage ones give the default sizes' embeddings, so the sizes are a speed setting only."""
+    model = SSAMSegmentLib.load(base="test-tinyvit", device="cpu", merge=True)
+    fast = build_fast_encoder(model.image_encoder, "tinyvit", "cpu")
+    images = _ct_like_slices(2)
+    with torch.no_grad():
+        default = fast(images)
+        fast.strip_rows, fast.mlp_chunk_bytes, fast.attention_chunk_bytes = pieces
+        torch.testing.assert_close(fast(images), default, rtol=1e-4, atol=1e-5)
+
+
 def test_batchnorm_is_folded_and_no_svd_factor_is_copied():
     model = SSAMSegmentLib.load(base="test-tinyvit", device="cpu", merge=True)
     fast = build_fast_encoder(model.image_encoder, "tinyvit", "cpu")

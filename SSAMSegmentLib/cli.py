@@ -170,8 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--window", help="CT window as LEVEL,WIDTH in HU (e.g. 40,400)")
     segment.add_argument("--preview", help="also write a PNG montage of the slices with most foreground")
     segment.add_argument("--precision", choices=("float32", "bf16"), default="float32",
-                         help="bf16: 1.3-2.4x faster on CPUs with native bfloat16, masks differ slightly (Dice ~0.95-0.99 "
-                              "against float32)")
+                         help="bf16: 1.3-2.4x faster on CPUs with native bfloat16, masks differ slightly "
+                              "(Dice ~0.95-0.99 against float32)")
     segment.set_defaults(run=_segment)
 
     evaluate = commands.add_parser("evaluate", help="Dice, IoU and HD95 of predictions against references")

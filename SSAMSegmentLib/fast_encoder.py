@@ -16,8 +16,9 @@ SAM's ViT gets no copy: merging already leaves plain Linear layers, and nothing 
 there (docs/benchmarks.md).
 
 Option, off by default: SSAM_CPU_BF16=1 in the environment runs the CPU encoder (either kind) under bfloat16
-autocast, 1.3-2.4x faster (measured) on CPUs with native bf16 (AVX512-BF16, AMX) but no longer the same masks: embeddings differ by
-about 1-5% of their range (docs/benchmarks.md has the masks' agreement on real CT). Slower on CPUs without bf16.
+autocast, measured 1.3-2.4x faster on CPUs with native bf16 (AVX512-BF16, AMX) but no longer the same masks:
+embeddings differ by about 1-5% of their range (docs/benchmarks.md has the masks' agreement on real CT). Slower on
+CPUs without bf16.
 """
 
 import copy

@@ -94,3 +94,16 @@ def test_demo_segments_the_unseen_nuclei_tile_and_the_ct_slice(tmp_path, nuclei_
         assert segmentation.GetSize()[:2] == size
     tile = sitk.ReadImage(str(tmp_path / "out" / "nuclei_tile.nrrd"))
     assert tile.GetSize() == (256, 256) and tile.GetPixelID() == sitk.sitkUInt16
+
+
+def test_demo_without_the_nuclei_image_still_segments_the_ct_slice(tmp_path, monkeypatch, capsys):
+    """Offline (no PyPI), the nuclei part is skipped with its one-line reason and the CT part still runs."""
+    def offline(folder=None):
+        raise SSAMError("could not download the demo's nuclei image (stardist==0.9.2 from PyPI): no network")
+
+    monkeypatch.setattr(demo, "nuclei_files", offline)
+    assert demo.run_demo(tmp_path / "out", device="cpu") == 0
+    printed = capsys.readouterr().out
+    assert "image 1      skipped: could not download the demo's nuclei image" in printed
+    assert not (tmp_path / "out" / "nuclei_tile.nrrd").exists()
+    assert sitk.ReadImage(str(tmp_path / "out" / "CT_small.seg.nrrd")).GetSize()[:2] == (128, 128)

@@ -22,8 +22,11 @@ def check_writable(path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise SSAMError(f"cannot create the folder {path.parent} ({error.strerror or error}); choose another output path") from None
-    if not os.access(path.parent, os.W_OK):
-        raise SSAMError(f"cannot write to {path.parent} (permission denied); choose another output path")
+    try:  # a real file, not os.access: root passes os.access on read-only and pseudo filesystems such as /proc
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as error:
+        raise SSAMError(f"cannot write to {path.parent} ({error.strerror or error}); choose another output path") from None
     return path
 
 
@@ -37,7 +40,10 @@ def _umask() -> int:
 def atomic_output(path, suffix: str = ""):
     """Yield a temporary path next to `path` (keeping `suffix`, e.g. '.nii.gz', so writers pick the format)."""
     path = check_writable(path)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".part{suffix}", dir=path.parent)
+    try:
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".part{suffix}", dir=path.parent)
+    except OSError as error:
+        raise SSAMError(f"cannot write {path} ({error.strerror or error}); free disk space or choose another path") from None
     os.close(handle)
     temporary = Path(temporary)
     try:

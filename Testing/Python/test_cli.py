@@ -110,6 +110,7 @@ def _bad_inputs(tmp_path, adapter):
         "adapter of another base": (["segment", ok, "--label", "organ", "--adapter", other_base, "--base", "test-vit", "--output", out], "test-tinyvit, not test-vit"),
         "unknown label, no text encoder": (["segment", ok, "--label", "tumor", "--adapter", clip_adapter, "--output", out], "tumor"),
         "unwritable output": (["segment", ok, "--label", "organ", "--adapter", adapter, "--output", tmp_path / "a_file" / "x.seg.nrrd"], "cannot create the folder"),
+        "output on a filesystem that takes no files": (["segment", ok, "--label", "organ", "--adapter", adapter, "--output", "/proc/x.seg.nrrd"], "cannot write to /proc"),
         "unsupported output": (["segment", ok, "--label", "organ", "--adapter", adapter, "--output", tmp_path / "out.png"], "unsupported type"),
         "empty label": (["segment", ok, "--label", " ", "--adapter", adapter, "--output", out], "label"),
         "bad window": (["segment", ok, "--label", "organ", "--adapter", adapter, "--output", out, "--window", "40"], "LEVEL,WIDTH"),

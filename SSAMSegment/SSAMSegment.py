@@ -2,7 +2,7 @@
 
 The panel (Widget) is thin: it collects choices, asks before installing or downloading anything, runs long work in a
 background process and shows progress. The Logic has no Qt: it turns volume nodes into images, runs SSAMSegmentLib
-and writes segments (SSAMSegmentLib.slicer_nodes), so scripts and tests use it without the GUI.
+and writes segments (SSAMSegmentLib.slicer.scene_nodes), so scripts and tests use it without the GUI.
 
 SSAMSegmentLib imports PyTorch, which is only present after the user agreed to install it: it is imported inside the
 methods that need it, never when Slicer loads this module.
@@ -693,7 +693,7 @@ class SSAMSegmentLogic(ScriptedLoadableModuleLogic):
     """Segmenting volume nodes and training adapters, without Qt: for the panel, Python scripts and tests.
 
     Synchronous methods (`segment`, `train`) run in this process. `start...` methods run the work in a background
-    process (SSAMSegmentLib.background_task) and return a task to poll; `finishSegmentation` writes its result.
+    process (SSAMSegmentLib.slicer.background_task) and return a task to poll; `finishSegmentation` writes its result.
     """
 
     DEFAULT_ADAPTER = "default"
@@ -776,7 +776,7 @@ class SSAMSegmentLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def cacheFolder() -> Path:
-        from SSAMSegmentLib import weights
+        from SSAMSegmentLib.model import weights
 
         return weights.cache_dir()
 
@@ -814,8 +814,8 @@ class SSAMSegmentLogic(ScriptedLoadableModuleLogic):
 
     def adapterInfo(self, adapter) -> dict:
         """{path, base, text_encoder, labels} of 'default' or an adapter file (reads only the file header)."""
-        from SSAMSegmentLib.adapter import read_metadata
-        from SSAMSegmentLib.loading import resolve_adapter
+        from SSAMSegmentLib.model.adapter import read_metadata
+        from SSAMSegmentLib.model.loading import resolve_adapter
 
         path = resolve_adapter(adapter)
         metadata = read_metadata(path)
@@ -837,7 +837,7 @@ class SSAMSegmentLogic(ScriptedLoadableModuleLogic):
 
     def weightsNeeded(self, adapter, labels) -> List[str]:
         """Ids of the downloadable weight files segmenting `labels` with `adapter` needs (present or not)."""
-        from SSAMSegmentLib.text_encoders import label_key
+        from SSAMSegmentLib.model.text_encoders import label_key
 
         info = self.adapterInfo(adapter)
         needed = ["sam_vit_b"] if info["base"] == "sam_vit_b" else []
@@ -849,12 +849,12 @@ class SSAMSegmentLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def missingWeights(weightIds) -> list:
         """The WeightFile entries of `weightIds` not yet in the cache (download them after the user agreed)."""
-        from SSAMSegmentLib import weights
+        from SSAMSegmentLib.model import weights
 
         return [weights.WEIGHT_FILES[w] for w in weightIds if not weights.cached_path(weights.WEIGHT_FILES[w]).is_file()]
 
     def startDownload(self, weightId):
-        from SSAMSegmentLib import background_task
+        from SSAMSegmentLib.slicer import background_task
 
         return background_task.start_download(weightId)
 
@@ -876,7 +876,7 @@ class SSAMSegmentLogic(ScriptedLoadableModuleLogic):
         `progress(fraction, message)` and `cancel.is_set()` are passed to the model; a cancelled or failed run
         leaves the scene as it was.
         """
-        from SSAMSegmentLib.slicer_nodes import image_from_volume_node
+        from SSAMSegmentLib.slicer.scene_nodes import image_from_volume_node
 
         image = image_from_volume_node(volumeNode)
         result = self._model(adapter, base, device).segment(image, labels, axis=axis, progress=progress, cancel=cancel)
@@ -886,8 +886,8 @@ class SSAMSegmentLogic(ScriptedLoadableModuleLogic):
     def startSegmentation(self, volumeNode, labels, adapter="default", axis="auto", device="auto", base=None,
                           python=None):
         """Start segmenting in a background process; poll the task, then call `finishSegmentation`."""
-        from SSAMSegmentLib import background_task
-        from SSAMSegmentLib.slicer_nodes import image_from_volume_node, volume_grid
+        from SSAMSegmentLib.slicer import background_task
+        from SSAMSegmentLib.slicer.scene_nodes import image_from_volume_node, volume_grid
 
         image = image_from_volume_node(volumeNode)
         task = background_task.start_segmentation(image, labels, adapter=adapter, base=base, device=device, axis=axis,
@@ -901,8 +901,9 @@ class SSAMSegmentLogic(ScriptedLoadableModuleLogic):
 
         Refused (nothing written) when the volume or the output segmentation changed or went away meanwhile.
         """
-        from SSAMSegmentLib import SSAMError, background_task
-        from SSAMSegmentLib.slicer_nodes import volume_grid
+        from SSAMSegmentLib import SSAMError
+        from SSAMSegmentLib.slicer import background_task
+        from SSAMSegmentLib.slicer.scene_nodes import volume_grid
 
         if volumeNode.GetScene() is None or (hasattr(task, "inputGrid") and volume_grid(volumeNode) != task.inputGrid):
             raise SSAMError(f"volume '{volumeNode.GetName()}' was changed or removed while it was being segmented; "
@@ -915,7 +916,7 @@ class SSAMSegmentLogic(ScriptedLoadableModuleLogic):
     def writeMasks(self, masks, volumeNode, segmentationNode=None, replaceExisting=False, image=None):
         """One segment per mask into `segmentationNode`, or into a new segmentation next to the volume."""
         from SSAMSegmentLib import SSAMError
-        from SSAMSegmentLib.slicer_nodes import new_segmentation_node, write_segments
+        from SSAMSegmentLib.slicer.scene_nodes import new_segmentation_node, write_segments
 
         if segmentationNode is not None and segmentationNode.GetScene() is None:
             raise SSAMError(f"segmentation '{segmentationNode.GetName()}' is no longer in the scene; "
@@ -938,7 +939,7 @@ class SSAMSegmentLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def scenePairs(scene):
-        from SSAMSegmentLib.slicer_nodes import scene_training_pairs
+        from SSAMSegmentLib.slicer.scene_nodes import scene_training_pairs
 
         return scene_training_pairs(scene)
 
@@ -946,7 +947,7 @@ class SSAMSegmentLogic(ScriptedLoadableModuleLogic):
     def trainingCases(pairs, labels=None):
         """(case_id, image, OrderedDict[name, mask]) per (volume, segmentation) pair, for datasets.memory_dataset."""
         from SSAMSegmentLib import SSAMError
-        from SSAMSegmentLib.slicer_nodes import training_case
+        from SSAMSegmentLib.slicer.scene_nodes import training_case
 
         if not pairs:
             raise SSAMError("no volume with a segmentation is selected; draw segmentations on volumes first "
@@ -976,7 +977,7 @@ class SSAMSegmentLogic(ScriptedLoadableModuleLogic):
               progress=None, cancel=None, **extra):
         """Train an adapter here and now from a dataset folder or scene pairs; return the TrainingResult."""
         import SSAMSegmentLib
-        from SSAMSegmentLib import datasets
+        from SSAMSegmentLib.training import datasets
 
         config = self.trainingConfig(output, folder, base, labels, epochs, device, **extra)
         if pairs is not None:
@@ -986,7 +987,7 @@ class SSAMSegmentLogic(ScriptedLoadableModuleLogic):
     def startTraining(self, output, folder=None, pairs=None, base="litemedsam", labels=None, epochs=20,
                       device="auto", python=None, **extra):
         """Train in a background process; the task's events include 'training' rows (epoch, loss, Dice...)."""
-        from SSAMSegmentLib import background_task
+        from SSAMSegmentLib.slicer import background_task
 
         config = self.trainingConfig(output, folder, base, labels, epochs, device, **extra)
         cases = self.trainingCases(pairs, labels) if pairs is not None else None

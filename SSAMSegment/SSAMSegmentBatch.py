@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def find_inputs(path: Path):
     """The cases of an --input: the file itself, a DICOM folder, or the images and series folders in a folder."""
-    from SSAMSegmentLib.image_io import has_image_suffix
+    from SSAMSegmentLib.files.image_io import has_image_suffix
 
     if not path.exists():
         raise UsageError(f"input {path} does not exist")
@@ -76,7 +76,7 @@ def find_inputs(path: Path):
 
 
 def output_paths(inputs, folder: Path):
-    from SSAMSegmentLib.segment_files import default_output
+    from SSAMSegmentLib.inference.segment_files import default_output
 
     outputs = [default_output(item, folder) for item in inputs]
     seen = {}

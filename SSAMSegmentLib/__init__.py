@@ -15,12 +15,12 @@ __version__ = "0.1.0"
 _LAZY = {
     "Cancelled": "errors",
     "SSAMError": "errors",
-    "load": "loading",
-    "segment_file": "segment_files",
-    "TrainingConfig": "training",
-    "TrainingProgress": "training",
-    "TrainingResult": "training",
-    "train": "training",
+    "load": "model.loading",
+    "segment_file": "inference.segment_files",
+    "TrainingConfig": "training.trainer",
+    "TrainingProgress": "training.trainer",
+    "TrainingResult": "training.trainer",
+    "train": "training.trainer",
 }
 __all__ = sorted(_LAZY) + ["__version__"]
 

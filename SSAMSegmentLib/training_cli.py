@@ -8,14 +8,14 @@ import sys
 import threading
 from pathlib import Path
 
-from .atomic_file import atomic_output
-from .devices import DEVICE_CHOICES
+from .files.atomic_file import atomic_output
+from .model.devices import DEVICE_CHOICES
 
 
 def add_arguments(parser):
-    from .bases import BASES
-    from .slice_geometry import AXES
-    from .text_encoders import TEXT_ENCODERS
+    from .model.bases import BASES
+    from .inference.slice_geometry import AXES
+    from .model.text_encoders import TEXT_ENCODERS
 
     parser.add_argument("data", nargs="+", help="dataset folder(s): nnU-Net/MSD (dataset.json), "
                                                 "images/+masks/+labels.json, or images with .seg.nrrd segmentations; "
@@ -47,7 +47,7 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
-    from .training import TrainingConfig, train
+    from .training.trainer import TrainingConfig, train
 
     config = TrainingConfig(
         data=args.data, output=args.output, base=args.base, text_encoder=args.text_encoder,

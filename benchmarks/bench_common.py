@@ -70,7 +70,7 @@ def spread(values) -> str:
 def unmerged(model, rebuild_only=True):
     """Run the tuned layers unmerged for a while: W' from U, s', V^T on every forward (rebuild_only: always rebuilt,
     as the S-SAM reference code does; else the library's per-layer choice of rebuilt or factored, as in training)."""
-    from SSAMSegmentLib.svd_linear import tuned_layers
+    from SSAMSegmentLib.model.svd_linear import tuned_layers
 
     layers = tuned_layers(model.image_encoder)
     states = [layer.merged for layer in layers]
@@ -141,7 +141,7 @@ def table(header, rows) -> str:
 
 def write_section(path: Path, name: str, title: str, body: str, threads: int):
     """Replace (or append) the section between this benchmark's markers in `path`, with command, date, machine."""
-    from SSAMSegmentLib.atomic_file import atomic_output
+    from SSAMSegmentLib.files.atomic_file import atomic_output
 
     start, end = f"<!-- benchmark:{name} -->", f"<!-- /benchmark:{name} -->"
     section = "\n".join([

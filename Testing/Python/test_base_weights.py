@@ -9,8 +9,9 @@ import SimpleITK as sitk
 import torch
 
 import SSAMSegmentLib
-from SSAMSegmentLib import SSAMError, weights
-from SSAMSegmentLib.bases import build_base, load_state_strict
+from SSAMSegmentLib import SSAMError
+from SSAMSegmentLib.model import weights
+from SSAMSegmentLib.model.bases import build_base, load_state_strict
 
 from helpers import write_code_running_pickle
 
@@ -136,9 +137,9 @@ def test_user_checkpoint_that_needs_code_is_refused(tmp_path):
 @pytest.mark.data
 def test_litemedsam_box_prompt_reaches_published_quality(data_dir):
     """The real LiteMedSAM weights with our preprocessing, prompted natively with the box of the manual liver mask."""
-    from SSAMSegmentLib.box_prompt import box_prompt_masks, mask_box
-    from SSAMSegmentLib.image_io import read_image
-    from SSAMSegmentLib.intensity import choose_mapping
+    from SSAMSegmentLib.inference.box_prompt import box_prompt_masks, mask_box
+    from SSAMSegmentLib.files.image_io import read_image
+    from SSAMSegmentLib.inference.intensity import choose_mapping
 
     model = SSAMSegmentLib.load(base="litemedsam", merge=True)
     image = read_image(data_dir / "dcmqi-ct-3slice")

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from SSAMSegmentLib.image_io import read_image, same_geometry
-from SSAMSegmentLib.seg_nrrd import read_seg_nrrd
+from SSAMSegmentLib.files.image_io import read_image, same_geometry
+from SSAMSegmentLib.files.seg_nrrd import read_seg_nrrd
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "SSAMSegment" / "SSAMSegmentBatch.py"
@@ -96,7 +96,7 @@ def test_single_picture_and_slicer_reads_the_output(data_dir, tiny_adapter, tmp_
     written = tmp_path / "out" / source.name.replace(".jpg", ".seg.nrrd")
     assert [p.name for p in written.parent.iterdir()] == [written.name]
     scene = slicer.vtkMRMLScene()
-    from SSAMSegmentLib.slicer_nodes import ensure_segmentation_support
+    from SSAMSegmentLib.slicer.scene_nodes import ensure_segmentation_support
 
     ensure_segmentation_support(scene)
     segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")

@@ -63,8 +63,8 @@ def test_segment_writes_a_segmentation_slicer_opens(adapter, tmp_path):
     assert run.returncode == 0, run.stderr
     assert f"wrote {out}" in run.stdout and "ct.png" in run.stdout
     assert _read_with_slicer(out) == ["organ", "vessel"]
-    from SSAMSegmentLib.seg_nrrd import read_seg_nrrd
-    from SSAMSegmentLib.image_io import same_geometry
+    from SSAMSegmentLib.files.seg_nrrd import read_seg_nrrd
+    from SSAMSegmentLib.files.image_io import same_geometry
 
     masks, _ = read_seg_nrrd(out)
     assert all(same_geometry(mask, image, tolerance=1e-5) for mask in masks.values())

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from SSAMSegmentLib.datasets import (Case, Dataset, DatasetProblems, memory_dataset, open_dataset, split_cases,
+from SSAMSegmentLib.training.datasets import (Case, Dataset, DatasetProblems, memory_dataset, open_dataset, split_cases,
                                      split_record)
 from SSAMSegmentLib.errors import SSAMError
 

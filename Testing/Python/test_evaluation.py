@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from SSAMSegmentLib import evaluation
+from SSAMSegmentLib.training import evaluation
 from SSAMSegmentLib.errors import SSAMError
-from SSAMSegmentLib.evaluation import (evaluate, evaluate_case, format_table, hd95, label_metrics, load_masks,
+from SSAMSegmentLib.training.evaluation import (evaluate, evaluate_case, format_table, hd95, label_metrics, load_masks,
                                        write_report)
-from SSAMSegmentLib.seg_nrrd import write_seg_nrrd
-from SSAMSegmentLib.writers import write_label_map
+from SSAMSegmentLib.files.seg_nrrd import write_seg_nrrd
+from SSAMSegmentLib.files.writers import write_label_map
 
 
 def cube(shape=(30, 30, 30), start=(10, 10, 10), size=10, shift=(0, 0, 0)):

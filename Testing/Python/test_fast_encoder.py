@@ -7,8 +7,8 @@ import SimpleITK as sitk
 import torch
 
 import SSAMSegmentLib
-from SSAMSegmentLib.fast_encoder import FastTinyViT, build_fast_encoder
-from SSAMSegmentLib.slice_inference import segment_image
+from SSAMSegmentLib.model.fast_encoder import FastTinyViT, build_fast_encoder
+from SSAMSegmentLib.inference.slice_inference import segment_image
 
 
 def _ct_like_slices(count=2, size=256, seed=0):
@@ -201,8 +201,8 @@ def test_litemedsam_same_masks_on_real_ct(data_dir, monkeypatch):
     assert total > 0, "the adapter finds these organs, so the comparison covers real masks"
 
     # The embeddings themselves agree to float tolerance on a real slice.
-    from SSAMSegmentLib.intensity import choose_mapping
-    from SSAMSegmentLib.preprocessing import to_model_input
+    from SSAMSegmentLib.inference.intensity import choose_mapping
+    from SSAMSegmentLib.inference.preprocessing import to_model_input
 
     mapping = choose_mapping(part, "auto", None)
     rgb = mapping.apply(sitk.GetArrayViewFromImage(part)[1])

@@ -5,8 +5,8 @@ import pytest
 import SimpleITK as sitk
 
 from SSAMSegmentLib import SSAMError
-from SSAMSegmentLib.image_io import is_rgb, read_image
-from SSAMSegmentLib.intensity import CT_WINDOW, choose_mapping, has_signal
+from SSAMSegmentLib.files.image_io import is_rgb, read_image
+from SSAMSegmentLib.inference.intensity import CT_WINDOW, choose_mapping, has_signal
 
 
 @pytest.mark.parametrize("suffix", [".png", ".jpg", ".tif", ".bmp"])

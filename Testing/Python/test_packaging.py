@@ -91,8 +91,8 @@ def test_an_unlisted_file_is_caught(tmp_path):
     assert any(p.startswith("SSAMSegmentLib/new_feature.py is not listed") for p in problems)
     assert any(p.startswith("Resources/Models/extra.adapter.safetensors is not listed") for p in problems)
     assert any(p.startswith("SSAMSegmentHelper.py is not listed") for p in problems)
-    (tmp_path / "SSAMSegmentLib" / "weights.py").unlink()
-    assert any(p.startswith("SSAMSegmentLib/weights.py is listed") for p in packaging_problems(tmp_path))
+    (tmp_path / "SSAMSegmentLib" / "model" / "weights.py").unlink()
+    assert any(p.startswith("SSAMSegmentLib/model/weights.py is listed") for p in packaging_problems(tmp_path))
 
 
 def test_module_cmake_installs_library_and_resources_next_to_the_module():
@@ -124,8 +124,9 @@ def installed_copy(destination: Path) -> Path:
 def test_installed_extension_is_complete_and_finds_its_resources(tmp_path):
     """Only the listed files, in the installed layout: every library module imports, resources are found there."""
     installed = installed_copy(tmp_path / "qt-scripted-modules")
-    modules = [f"SSAMSegmentLib.{Path(name).stem}" for name in cmake_sets(MODULE_CMAKE)["LIBRARY_PYTHON_SCRIPTS"]
+    modules = [".".join(Path(name).with_suffix("").parts) for name in cmake_sets(MODULE_CMAKE)["LIBRARY_PYTHON_SCRIPTS"]
                if not name.endswith("__init__.py")]
+    assert "SSAMSegmentLib.model.weights" in modules
     check = textwrap.dedent(f"""
         import importlib, sys
         from pathlib import Path
@@ -135,7 +136,7 @@ def test_installed_extension_is_complete_and_finds_its_resources(tmp_path):
         assert Path(SSAMSegmentLib.__file__).parent == installed / "SSAMSegmentLib", SSAMSegmentLib.__file__
         for name in {modules!r}:
             importlib.import_module(name)
-        from SSAMSegmentLib import loading
+        from SSAMSegmentLib.model import loading
         assert loading.RESOURCES == installed / "Resources", loading.RESOURCES
         sys.path.insert(0, str(installed))
         import SSAMSegment
@@ -273,7 +274,7 @@ def test_logic_and_slicer_glue_have_no_qt():
     attributes = {ast.unparse(node) for node in ast.walk(logic) if isinstance(node, ast.Attribute)}
     assert not names & {"qt", "ctk"}
     assert not {a for a in attributes if a.startswith(("slicer.app", "slicer.mrmlScene", "slicer.modules", "slicer.util"))}
-    for library_file in ("slicer_nodes.py", "background_task.py"):
+    for library_file in ("slicer/scene_nodes.py", "slicer/background_task.py"):
         source = (REPO / "SSAMSegmentLib" / library_file).read_text()
         assert not re.search(r"^\s*(import|from)\s+(qt|ctk|PythonQt)\b", source, re.M), library_file
         assert "slicer.app." not in source and "slicer.mrmlScene" not in source, library_file

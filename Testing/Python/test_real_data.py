@@ -12,8 +12,8 @@ import SimpleITK as sitk
 
 import SSAMSegmentLib
 from SSAMSegmentLib import TrainingConfig, train
-from SSAMSegmentLib.image_io import same_geometry
-from SSAMSegmentLib.seg_nrrd import read_seg_nrrd
+from SSAMSegmentLib.files.image_io import same_geometry
+from SSAMSegmentLib.files.seg_nrrd import read_seg_nrrd
 
 from conftest import REPO
 
@@ -61,7 +61,7 @@ def test_train_on_part_of_a_real_ct_then_segment_the_rest(data_dir, tmp_path):
 
 def test_default_adapter_finds_the_liver_on_an_unseen_ct(data_dir):
     """The shipped adapter on the dcmqi CT with its manual liver outline (validation data, never trained on)."""
-    from SSAMSegmentLib.image_io import read_image
+    from SSAMSegmentLib.files.image_io import read_image
 
     model = SSAMSegmentLib.load(adapter="default", merge=True)
     image = read_image(data_dir / "dcmqi-ct-3slice")

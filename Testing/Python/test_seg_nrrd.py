@@ -7,7 +7,7 @@ import pytest
 import SimpleITK as sitk
 
 from SSAMSegmentLib.errors import SSAMError
-from SSAMSegmentLib.seg_nrrd import (anatomy_color, read_seg_nrrd, segment_color, segment_colors,
+from SSAMSegmentLib.files.seg_nrrd import (anatomy_color, read_seg_nrrd, segment_color, segment_colors,
                                      write_seg_nrrd)
 
 slicer = pytest.importorskip("slicer", reason="slicer-core (pip install slicer-core) reads the files as Slicer does")

@@ -10,9 +10,9 @@ import pytest
 import SimpleITK as sitk
 
 from SSAMSegmentLib import SSAMError
-from SSAMSegmentLib.image_io import image_from_array, read_image, same_geometry
-from SSAMSegmentLib.intensity import choose_mapping
-from SSAMSegmentLib.slice_geometry import SliceGeometry
+from SSAMSegmentLib.files.image_io import image_from_array, read_image, same_geometry
+from SSAMSegmentLib.inference.intensity import choose_mapping
+from SSAMSegmentLib.inference.slice_geometry import SliceGeometry
 
 from conftest import REPO
 from helpers import perturbed_model

@@ -22,8 +22,12 @@ slicer = pytest.importorskip("slicer")
 vtk = pytest.importorskip("vtk")
 from vtk.util import numpy_support  # noqa: E402
 
-from SSAMSegmentLib import Cancelled, SSAMError, background_task, slicer_nodes  # noqa: E402
-from SSAMSegmentLib.image_io import same_geometry  # noqa: E402
+from SSAMSegmentLib import Cancelled, SSAMError
+
+from SSAMSegmentLib.slicer import background_task
+
+from SSAMSegmentLib.slicer import scene_nodes as slicer_nodes  # noqa: E402
+from SSAMSegmentLib.files.image_io import same_geometry  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "SSAMSegment"))
@@ -459,7 +463,7 @@ def test_child_stops_when_slicer_goes_away(tmp_path):
         import sys
         sys.path.insert(0, {str(REPO)!r})
         import numpy as np, SimpleITK as sitk
-        from SSAMSegmentLib import background_task
+        from SSAMSegmentLib.slicer import background_task
         image = sitk.GetImageFromArray(np.random.default_rng(0).integers(0, 500, (2000, 32, 32)).astype(np.int16))
         task = background_task.start_segmentation(image, ["liver"], adapter=None, base="test-vit", device="cpu")
         import time

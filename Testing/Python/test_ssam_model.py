@@ -10,10 +10,11 @@ import torch
 from torch import nn
 
 import SSAMSegmentLib
-from SSAMSegmentLib import SSAMError, devices
-from SSAMSegmentLib.bases import build_base, get_base
-from SSAMSegmentLib.ssam_model import PARAMETER_GROUPS, SSAM, pool_positional_embedding
-from SSAMSegmentLib.svd_linear import SingularValueTuned, tuned_layers
+from SSAMSegmentLib import SSAMError
+from SSAMSegmentLib.model import devices
+from SSAMSegmentLib.model.bases import build_base, get_base
+from SSAMSegmentLib.model.ssam_model import PARAMETER_GROUPS, SSAM, pool_positional_embedding
+from SSAMSegmentLib.model.svd_linear import SingularValueTuned, tuned_layers
 
 from conftest import REPO
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from SSAMSegmentLib.svd_linear import SingularValueTuned
+from SSAMSegmentLib.model.svd_linear import SingularValueTuned
 
 
 def _perturb(layer: SingularValueTuned, seed=0):

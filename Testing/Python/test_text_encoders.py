@@ -5,8 +5,12 @@ import time
 import pytest
 import torch
 
-from SSAMSegmentLib import SSAMError, text_encoders, weights
-from SSAMSegmentLib.text_encoders import LabelEmbeddings, label_key, load_text_encoder
+from SSAMSegmentLib import SSAMError
+
+from SSAMSegmentLib.model import text_encoders
+
+from SSAMSegmentLib.model import weights
+from SSAMSegmentLib.model.text_encoders import LabelEmbeddings, label_key, load_text_encoder
 
 
 def test_minilm_is_offline_deterministic_and_semantic():

@@ -13,9 +13,9 @@ import torch
 
 import SSAMSegmentLib
 from SSAMSegmentLib import Cancelled, SSAMError, TrainingConfig, train
-from SSAMSegmentLib.adapter import read_metadata
-from SSAMSegmentLib.losses import focal_loss, soft_dice_loss
-from SSAMSegmentLib.training import _accumulate_gradients, _balance_weights, _batch_tensors, load_checkpoint
+from SSAMSegmentLib.model.adapter import read_metadata
+from SSAMSegmentLib.training.losses import focal_loss, soft_dice_loss
+from SSAMSegmentLib.training.trainer import _accumulate_gradients, _balance_weights, _batch_tensors, load_checkpoint
 
 from conftest import REPO
 
@@ -93,8 +93,8 @@ def test_training_optimises_only_the_trainable_set_and_learns(disks, tmp_path):
 
 
 def test_micro_batches_give_the_full_batch_gradient(disks, tmp_path):
-    from SSAMSegmentLib.datasets import open_dataset
-    from SSAMSegmentLib.slice_bank import build_slice_bank
+    from SSAMSegmentLib.training.datasets import open_dataset
+    from SSAMSegmentLib.training.slice_bank import build_slice_bank
 
     model = SSAMSegmentLib.load(base="test-vit", image_size=64)
     dataset = open_dataset(disks)
@@ -170,7 +170,7 @@ def test_eta_is_reported_and_max_steps_is_honoured(disks, tmp_path):
 
 
 def test_balanced_sampling_weights_rare_labels():
-    from SSAMSegmentLib.slice_bank import SliceBank
+    from SSAMSegmentLib.training.slice_bank import SliceBank
 
     masks = np.zeros((10, 2, 4, 4), np.uint8)
     masks[:, 0, 0, 0] = 1  # label 0 everywhere

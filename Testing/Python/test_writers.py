@@ -8,11 +8,13 @@ import pytest
 import SimpleITK as sitk
 from PIL import Image
 
-from SSAMSegmentLib import seg_nrrd, writers
+from SSAMSegmentLib.files import seg_nrrd
+
+from SSAMSegmentLib.files import writers
 from SSAMSegmentLib.errors import SSAMError
-from SSAMSegmentLib.image_io import read_image, same_geometry
-from SSAMSegmentLib.seg_nrrd import read_seg_nrrd, segment_colors
-from SSAMSegmentLib.writers import (sidecar_path, write_label_map, write_outputs, write_preview_png)
+from SSAMSegmentLib.files.image_io import read_image, same_geometry
+from SSAMSegmentLib.files.seg_nrrd import read_seg_nrrd, segment_colors
+from SSAMSegmentLib.files.writers import (sidecar_path, write_label_map, write_outputs, write_preview_png)
 
 from helpers import grid_image
 

@@ -19,8 +19,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import SSAMError
-from .image_io import check_image, same_geometry
+from ..errors import SSAMError
+from ..files.image_io import check_image, same_geometry
 
 LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])
 _SEGMENTATIONS_LOGIC = []  # headless slicer-core: one module logic kept alive (it registers the labelmap converters)
@@ -134,7 +134,7 @@ def _segment_names(segmentation) -> List[Tuple[str, str]]:
 
 def find_segment(segmentation, name: str) -> Optional[str]:
     """ID of the segment whose name is `name` up to case, spaces and underscores; None when there is none."""
-    from .text_encoders import label_key
+    from ..model.text_encoders import label_key
 
     for segment_id, segment_name in _segment_names(segmentation):
         if label_key(segment_name) == label_key(name):
@@ -144,7 +144,7 @@ def find_segment(segmentation, name: str) -> Optional[str]:
 
 def unique_segment_name(name: str, taken: Sequence[str]) -> str:
     """`name` when free, else 'name 2', 'name 3'... (never overwrites an existing segment)."""
-    from .text_encoders import label_key
+    from ..model.text_encoders import label_key
 
     keys = {label_key(t) for t in taken}
     if label_key(name) not in keys:
@@ -271,7 +271,7 @@ def write_segments(masks: "collections.OrderedDict[str, sitk.Image]", segmentati
         taken.append(name)
         plan.append((label, name, replaced))
     if colors is None:
-        from .seg_nrrd import segment_colors
+        from ..files.seg_nrrd import segment_colors
 
         all_colors = segment_colors([name for _, name in existing] + [name for _, name, _ in plan])
         colors = {label: all_colors[name] for label, name, _ in plan}
@@ -405,7 +405,7 @@ def training_case(volume_node, segmentation_node, labels: Optional[Sequence[str]
 
     With `labels`, only segments with those names (matched like labels: case and '_' insensitive) are used.
     """
-    from .text_encoders import label_key
+    from ..model.text_encoders import label_key
 
     names = _segment_names(segmentation_node.GetSegmentation())
     if labels:

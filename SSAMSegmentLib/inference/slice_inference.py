@@ -16,13 +16,13 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from .devices import autocast
-from .errors import Cancelled, SSAMError
-from .image_io import check_image
+from ..model.devices import autocast
+from ..errors import Cancelled, SSAMError
+from ..files.image_io import check_image
 from .intensity import choose_mapping, has_signal
 from .preprocessing import logits_to_slice, to_model_input
 from .slice_geometry import SliceGeometry
-from .text_encoders import label_key
+from ..model.text_encoders import label_key
 
 Progress = Callable[[float, str], None]
 

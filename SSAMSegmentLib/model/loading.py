@@ -5,13 +5,13 @@ from pathlib import Path
 from .adapter import read_metadata
 from .bases import build_base, get_base
 from .devices import select_device
-from .errors import SSAMError
+from ..errors import SSAMError
 from .ssam_model import SSAM
 from .text_encoders import get_text_encoder_spec
 
 DEFAULT_BASE = "litemedsam"
 DEFAULT_TEXT_ENCODER = "minilm-l6"
-RESOURCES = Path(__file__).resolve().parent.parent / "Resources"
+RESOURCES = Path(__file__).resolve().parents[2] / "Resources"
 DEFAULT_ADAPTER = RESOURCES / "Models" / "ssam-default.adapter.safetensors"
 
 

@@ -4,7 +4,7 @@ import contextlib
 
 import torch
 
-from .errors import SSAMError
+from ..errors import SSAMError
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
 

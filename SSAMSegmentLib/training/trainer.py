@@ -21,12 +21,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .atomic_file import atomic_output, check_writable
-from .devices import autocast, autocast_dtype, select_device
-from .errors import Cancelled, SSAMError
+from ..files.atomic_file import atomic_output, check_writable
+from ..model.devices import autocast, autocast_dtype, select_device
+from ..errors import Cancelled, SSAMError
 from .losses import ssam_loss
 from .slice_bank import SliceBank, build_slice_bank
-from .text_encoders import label_key
+from ..model.text_encoders import label_key
 
 
 @dataclasses.dataclass
@@ -395,7 +395,7 @@ def _renamed(read, names_by_key):
 def train(config: TrainingConfig, progress: Optional[Callable[[TrainingProgress], None]] = None,
           cancel=None) -> TrainingResult:
     from .datasets import split_record
-    from .loading import load
+    from ..model.loading import load
 
     started = time.time()
     rank, world = _distributed()

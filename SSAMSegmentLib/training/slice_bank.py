@@ -15,10 +15,10 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from .errors import Cancelled
-from .intensity import choose_mapping, has_signal
-from .preprocessing import resize_to_model
-from .slice_geometry import SliceGeometry
+from ..errors import Cancelled
+from ..inference.intensity import choose_mapping, has_signal
+from ..inference.preprocessing import resize_to_model
+from ..inference.slice_geometry import SliceGeometry
 
 IN_MEMORY_LIMIT = 2 << 30  # bytes of slices kept in RAM before the bank moves to memory-mapped files
 

@@ -13,7 +13,7 @@ from typing import Tuple
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import SSAMError
+from ..errors import SSAMError
 
 AXES = ("auto", "axial", "coronal", "sagittal")
 # In the canonical (S, P, L) array: axial slices cut axis 0, coronal axis 1, sagittal axis 2.

@@ -8,8 +8,8 @@ import json
 import struct
 from pathlib import Path
 
-from .atomic_file import atomic_output
-from .errors import SSAMError
+from ..files.atomic_file import atomic_output
+from ..errors import SSAMError
 
 FORMAT_VERSION = 1
 LABELS_KEY = "labels.embeddings"

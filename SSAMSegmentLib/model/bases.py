@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from . import weights as weight_files
-from .errors import SSAMError
+from ..errors import SSAMError
 
 
 class SamParts(NamedTuple):

@@ -13,7 +13,7 @@ import SimpleITK as sitk
 from PIL import Image, ImageDraw, ImageFont
 
 from .atomic_file import atomic_output, check_writable
-from .errors import SSAMError
+from ..errors import SSAMError
 from .image_io import same_geometry
 from .seg_nrrd import check_masks, mask_array, segment_colors, write_seg_nrrd
 

@@ -14,7 +14,7 @@ from typing import Optional
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import SSAMError
+from ..errors import SSAMError
 
 INTENSITY_MODES = ("auto", "ct", "percentile", "none")
 CT_WINDOW = (40.0, 400.0)  # (level, width) in HU

@@ -9,7 +9,7 @@ from typing import Callable, Dict, List
 import torch
 
 from . import weights as weight_files
-from .errors import SSAMError
+from ..errors import SSAMError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,9 +21,9 @@ import numpy as np
 import SimpleITK as sitk
 
 from .atomic_file import atomic_output
-from .errors import SSAMError
+from ..errors import SSAMError
 from .image_io import same_geometry
-from .text_encoders import label_key
+from ..model.text_encoders import label_key
 
 Color = Tuple[float, float, float]
 

@@ -38,9 +38,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import SSAMError
-from .image_io import check_image, has_image_suffix, is_truncated, same_geometry, strip_image_suffix
-from .text_encoders import label_key
+from ..errors import SSAMError
+from ..files.image_io import check_image, has_image_suffix, is_truncated, same_geometry, strip_image_suffix
+from ..model.text_encoders import label_key
 
 LAYOUTS = ("nnunet", "folder2d", "segnrrd", "memory", "combined")
 MAX_LISTED_PROBLEMS = 20
@@ -602,7 +602,7 @@ def _paste(array: np.ndarray, offset_xyz: Sequence[int], shape: Tuple[int, ...])
 
 
 def _read_segments(seg_path: Path, name: str):
-    from .seg_nrrd import read_seg_nrrd  # imported here: only this layout needs it
+    from ..files.seg_nrrd import read_seg_nrrd  # imported here: only this layout needs it
 
     try:
         masks, _colors = read_seg_nrrd(seg_path)

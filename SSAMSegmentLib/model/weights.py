@@ -14,7 +14,7 @@ import urllib.request
 from pathlib import Path
 from typing import Callable, Optional
 
-from .errors import SSAMError
+from ..errors import SSAMError
 
 ProgressCallback = Callable[[int, Optional[int]], None]  # (bytes done, bytes total or None)
 

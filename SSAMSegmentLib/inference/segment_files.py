@@ -2,9 +2,9 @@
 
 from pathlib import Path
 
-from .atomic_file import check_writable
-from .errors import SSAMError
-from .image_io import read_image, strip_image_suffix
+from ..files.atomic_file import check_writable
+from ..errors import SSAMError
+from ..files.image_io import read_image, strip_image_suffix
 from .slice_inference import segment_image
 
 def default_output(input_path, folder=".") -> Path:
@@ -13,7 +13,7 @@ def default_output(input_path, folder=".") -> Path:
 
 def check_output_path(path) -> Path:
     """Fail before any work when the output cannot be written as asked."""
-    from .writers import OUTPUT_SUFFIXES, output_suffix
+    from ..files.writers import OUTPUT_SUFFIXES, output_suffix
 
     path = Path(path)
     if output_suffix(path) is None:
@@ -29,7 +29,7 @@ def segment_file(model, input_path, labels, output_path=None, axis="auto", previ
     Ctrl-C or a full disk leaves no partial file and any earlier file untouched. Returns the SegmentationResult with
     `.outputs`, the written paths.
     """
-    from .writers import write_outputs
+    from ..files.writers import write_outputs
 
     output_path = check_output_path(output_path or default_output(input_path))
     if preview is not None:

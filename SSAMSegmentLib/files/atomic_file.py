@@ -10,7 +10,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from .errors import SSAMError
+from ..errors import SSAMError
 
 
 def check_writable(path) -> Path:

@@ -210,8 +210,8 @@ class SSAM(nn.Module):
     def segment(self, image, labels, spacing=None, origin=None, direction=None, **options):
         """Masks for `labels` on a SimpleITK image, or a numpy array ((z,) y, x[, 3]) with its geometry; options as
         slice_inference.segment_image (axis, threshold, intensity, window, batch_size, progress, cancel)."""
-        from .image_io import image_from_array
-        from .slice_inference import segment_image
+        from ..files.image_io import image_from_array
+        from ..inference.slice_inference import segment_image
 
         if not hasattr(image, "GetSize"):
             image = image_from_array(image, spacing, origin, direction)

@@ -33,9 +33,9 @@ import traceback
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from .errors import Cancelled, SSAMError
+from ..errors import Cancelled, SSAMError
 
-LIBRARY_PARENT = Path(__file__).resolve().parent.parent  # the folder that holds SSAMSegmentLib (and Resources)
+LIBRARY_PARENT = Path(__file__).resolve().parents[2]  # the folder that holds SSAMSegmentLib (and Resources)
 EVENTS = "events.jsonl"
 CANCEL = "cancel"
 KILL_AFTER_CANCEL_SECONDS = 10.0
@@ -68,7 +68,7 @@ class BackgroundTask:
         flags = getattr(subprocess, "CREATE_NO_WINDOW", 0) if os.name == "nt" else 0
         # The library's folder goes on sys.path by the command itself: a launcher may rewrite PYTHONPATH.
         code = (f"import sys; sys.path.insert(0, {str(LIBRARY_PARENT)!r}); "
-                f"from SSAMSegmentLib.background_task import run_job; sys.exit(run_job(sys.argv[1]))")
+                f"from SSAMSegmentLib.slicer.background_task import run_job; sys.exit(run_job(sys.argv[1]))")
         self._log = open(self.folder / "log.txt", "wb")
         self._process = subprocess.Popen(
             [python or python_executable(), "-c", code, str(self.folder)],
@@ -313,7 +313,7 @@ def _progress_fields(progress) -> dict:
 def _segmentation_job(job: dict, folder: Path, events: _Events, cancel) -> dict:
     import SSAMSegmentLib
     import SimpleITK as sitk
-    from .image_io import read_image
+    from ..files.image_io import read_image
 
     events.emit("progress", fraction=0.0, message="loading the model")
     model = SSAMSegmentLib.load(base=job.get("base"), adapter=job.get("adapter"), text_encoder=job.get("text_encoder"),
@@ -338,7 +338,7 @@ def _segmentation_job(job: dict, folder: Path, events: _Events, cancel) -> dict:
 def _training_job(job: dict, folder: Path, events: _Events, cancel) -> dict:
     import SSAMSegmentLib
     import SimpleITK as sitk
-    from SSAMSegmentLib import datasets
+    from SSAMSegmentLib.training import datasets
 
     config = dict(job["config"])
     if "cases" in job:
@@ -355,7 +355,7 @@ def _training_job(job: dict, folder: Path, events: _Events, cancel) -> dict:
 
 
 def _download_job(job: dict, folder: Path, events: _Events, cancel) -> dict:
-    from . import weights
+    from ..model import weights
 
     weight = weights.WEIGHT_FILES.get(job["weight"])
     if weight is None:

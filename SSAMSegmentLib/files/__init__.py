@@ -1,0 +1,1 @@
+"""Files: reading images, Slicer .seg.nrrd, output writers and all-or-nothing (atomic) outputs."""

@@ -1,0 +1,1 @@
+"""Training: datasets and label maps, the slice bank, losses, the training loop and evaluation."""

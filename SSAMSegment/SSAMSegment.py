@@ -304,11 +304,11 @@ class SSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.trainButton.enabled = not self._running() and bool(self.ui.trainingAdapterNameLineEdit.text.strip())
         self.ui.downloadWeightsButton.enabled = not self._running()
 
-    def setStatus(self, text: str, error: bool = False, training: bool = False) -> None:
+    def setStatus(self, text: str, error: bool = False, training: bool = False, warning: bool = False) -> None:
         label = self.ui.trainingStatusLabel if training else self.ui.statusLabel
         label.text = text
-        label.setStyleSheet("color: #c0392b;" if error else "")
-        if error:
+        label.setStyleSheet("color: #c0392b;" if error else "color: #b9770e;" if warning else "")
+        if error or warning:
             logging.warning(f"SSAM Segment: {text}")
 
     # --- models and labels ------------------------------------------------------------------------------------
@@ -353,16 +353,16 @@ class SSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onLabelsEdited(self, text) -> None:
         """Complete the name being typed after the last comma with the adapter's labels."""
+        from SSAMSegmentLib.model.labels import label_key
+
         prefix, separator, current = str(text).rpartition(",")
         lead = prefix + separator + current[: len(current) - len(current.lstrip())]
-        typed = {name.lower() for name in SSAMSegmentLogic.parseLabels(prefix)}
-        choices = [lead + name for name in self._knownLabels if name.lower() not in typed]
+        typed = {label_key(name) for name in SSAMSegmentLogic.parseLabels(prefix)}
+        choices = [lead + name for name in self._knownLabels if label_key(name) not in typed]
         self._labelsCompleter.setModel(qt.QStringListModel(choices, self._labelsCompleter))
 
     def onKnownLabelChosen(self, action) -> None:
-        labels = SSAMSegmentLogic.parseLabels(self.ui.labelsLineEdit.text)
-        if action.text.lower() not in [label.lower() for label in labels]:
-            labels.append(action.text)
+        labels = SSAMSegmentLogic.parseLabels(self.ui.labelsLineEdit.text + "," + action.text)
         self.ui.labelsLineEdit.text = ", ".join(labels)
 
     def onAddAdapter(self) -> None:
@@ -568,10 +568,9 @@ class SSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.outputSegmentationSelector.setCurrentNode(segmentation)
             slicer.util.setSliceViewerLayers(background=context["volume"])
             names = [segmentation.GetSegmentation().GetSegment(i).GetName() for i in segmentIds.values()]
-            message = _("Added {segments} to {node}.").format(segments=", ".join(names), node=segmentation.GetName())
-            if emptyLabels:
-                message += " " + _("Nothing found for: {labels} (empty segments).").format(labels=", ".join(emptyLabels))
-            self.setStatus(message)
+            untaught = task.result.get("untaught_labels", [])
+            self.setStatus(self.logic.segmentationMessage(names, segmentation.GetName(), emptyLabels, untaught,
+                                                          task.result.get("notes", [])), warning=bool(untaught))
             logging.info(f"SSAM Segment: {summary}")
         elif task.kind == "training":
             adapterPath = task.result.get("adapter_path")
@@ -771,8 +770,22 @@ class SSAMSegmentLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def parseLabels(text) -> List[str]:
-        """'liver, spleen;kidney' -> ['liver', 'spleen', 'kidney'] (commas, semicolons or new lines separate)."""
-        return [part.strip() for part in re.split(r"[,;\n]", str(text or "")) if part.strip()]
+        """'liver, spleen;kidney' -> ['liver', 'spleen', 'kidney'], as the command line reads --label (labels.py)."""
+        from SSAMSegmentLib.model.labels import split_labels, unique
+
+        return unique(split_labels(text))
+
+    @staticmethod
+    def segmentationMessage(segmentNames, nodeName, emptyLabels, untaughtLabels, notes) -> str:
+        """The status line after a segmentation: what was added, the empty segments said as their label allows
+        (an untaught label's empty segment is "not found (untaught label)", never absent), then the mapping note
+        and the untaught-label warning with its fix."""
+        from SSAMSegmentLib.model.labels import empty_report
+
+        message = _("Added {segments} to {node}.").format(segments=", ".join(segmentNames), node=nodeName)
+        for part in empty_report(emptyLabels, untaughtLabels) + list(notes):
+            message += f" {part[0].upper()}{part[1:]}."
+        return message
 
     @staticmethod
     def cacheFolder() -> Path:
@@ -837,12 +850,12 @@ class SSAMSegmentLogic(ScriptedLoadableModuleLogic):
 
     def weightsNeeded(self, adapter, labels) -> List[str]:
         """Ids of the downloadable weight files segmenting `labels` with `adapter` needs (present or not)."""
-        from SSAMSegmentLib.model.text_encoders import label_key
+        from SSAMSegmentLib.model.labels import match_labels
 
         info = self.adapterInfo(adapter)
         needed = ["sam_vit_b"] if info["base"] == "sam_vit_b" else []
-        known = {label_key(name) for name in info["labels"]}
-        if info["text_encoder"] == "clip-vit-b-32" and any(label_key(label) not in known for label in labels):
+        untaught = [match for match in match_labels(labels, info["labels"]) if not match.taught]
+        if info["text_encoder"] == "clip-vit-b-32" and untaught:  # taught and mapped labels need no text encoder
             needed.append("clip-vit-b-32")
         return needed
 
@@ -1051,6 +1064,7 @@ class SSAMSegmentTest(ScriptedLoadableModuleTest):
         task.wait(timeout=1800)
         segmentation, ids, empty, summary = logic.finishSegmentation(task, volume)
         self.assertEqual(list(ids), labels[:1])
+        self.assertNotIn("untaught", summary)  # the adapter's own label is taught
         self.assertEqual(segmentation.GetSegmentation().GetSegment(ids[labels[0]]).GetName(), labels[0])
         task.cleanup()
         self.delayDisplay(f"Default adapter test passed: {summary}")

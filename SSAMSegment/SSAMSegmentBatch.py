@@ -98,7 +98,9 @@ def device_name(text: str) -> str:
 def run(argv) -> int:
     try:
         args = build_parser().parse_args(argv)
-        labels = [part.strip() for label in args.label for part in label.split(",") if part.strip()]
+        from SSAMSegmentLib.model.labels import split_labels, unique
+
+        labels = unique(split_labels(args.label))
         if not labels:
             raise UsageError("--label is empty; name the structure to segment, e.g. --label liver")
         output_folder = Path(args.output).expanduser()
@@ -130,7 +132,7 @@ def run(argv) -> int:
 
     print(f"SSAM Segment: {len(inputs)} case(s), labels {', '.join(labels)}, model {model.spec.id}, "
           f"device {model.device}", flush=True)
-    failed = []
+    failed, said = [], set()
     for item, output in zip(inputs, outputs):
         start = time.perf_counter()
         try:
@@ -147,6 +149,10 @@ def run(argv) -> int:
             print(f"FAILED {item.name}: internal error ({type(error).__name__}: {error})", flush=True)
             continue
         print(f"OK     {item.name} -> {output} ({time.perf_counter() - start:.1f} s): {result.summary()}", flush=True)
+        for line in result.notes():  # the same for every case: said once
+            if line not in said:
+                said.add(line)
+                print(f"       {line}", flush=True)
     done = len(inputs) - len(failed)
     print(f"{done} of {len(inputs)} case(s) segmented" + (f"; failed: {', '.join(failed)}" if failed else ""),
           flush=True)

@@ -119,6 +119,8 @@ def _segment(args) -> int:
     finally:
         close()
     print(result.summary())
+    for line in result.notes():
+        print(f"ssam segment: {line}", file=sys.stderr)
     for path in result.outputs:
         print(f"wrote {path}")
     return 0
@@ -127,7 +129,7 @@ def _segment(args) -> int:
 def _demo(args) -> int:
     from .demo import run_demo
 
-    return run_demo(args.output, device=args.device)
+    return run_demo(args.output, device=args.device, data_folder=args.data)
 
 
 # --- parser ---------------------------------------------------------------------------------------------------------
@@ -160,7 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     segment = commands.add_parser("segment", help="segment an image from label names")
     segment.add_argument("input", help="image file (NIfTI, NRRD, MHA, PNG, JPEG, TIFF, BMP) or DICOM series folder")
-    segment.add_argument("--label", action="append", required=True, help="label name; repeat for several")
+    segment.add_argument("--label", action="append", required=True,
+                         help="label name; repeat (or separate with commas) for several; `ssam info --adapter "
+                              "default` lists the labels the adapter was taught")
     segment.add_argument("--adapter", help="adapter file (default: the adapter shipped with SSAM Segment)")
     segment.add_argument("--base", choices=sorted(BASES), help="base model (default: the adapter's)")
     segment.add_argument("--output", help="output .seg.nrrd or label map .nii.gz/.nrrd (default: ./<input>.seg.nrrd)")
@@ -183,8 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
     training_cli.add_arguments(train)
     train.set_defaults(run=training_cli.run)
 
-    demo = commands.add_parser("demo", help="segment two real images (nuclei, CT) with the shipped default adapter")
+    demo = commands.add_parser("demo", help="segment real images (glands, nuclei, CT) with the shipped default adapter")
     demo.add_argument("--output", default="ssam-demo", help="output folder (default ./ssam-demo)")
+    demo.add_argument("--data", help="folder holding glas-15/ for the gland image, which cannot be shipped "
+                                     "(default: $SSAM_TEST_DATA, else the shared data folder beside the repository)")
     demo.add_argument("--device", default="auto")
     demo.set_defaults(run=_demo)
     return parser

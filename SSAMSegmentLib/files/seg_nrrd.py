@@ -23,7 +23,7 @@ import SimpleITK as sitk
 from .atomic_file import atomic_output
 from ..errors import SSAMError
 from .image_io import same_geometry
-from ..model.text_encoders import label_key
+from ..model.labels import label_key
 
 Color = Tuple[float, float, float]
 

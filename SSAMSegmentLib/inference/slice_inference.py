@@ -22,7 +22,7 @@ from ..files.image_io import check_image
 from .intensity import choose_mapping, has_signal
 from .preprocessing import logits_to_slice, to_model_input
 from .slice_geometry import SliceGeometry
-from ..model.text_encoders import label_key
+from ..model import labels
 
 Progress = Callable[[float, str], None]
 
@@ -37,28 +37,35 @@ class SegmentationResult:
     slices: int
     skipped_slices: int
     seconds: float
+    # label (the mask's name) -> how the adapter knew it: taught, mapped from a typed variant, or untaught (labels.py)
+    label_status: "collections.OrderedDict[str, labels.LabelMatch]" = dataclasses.field(
+        default_factory=collections.OrderedDict)
+    trained_labels: List[str] = dataclasses.field(default_factory=list)  # the adapter's trained labels
+
+    @property
+    def untaught_labels(self) -> List[str]:
+        return [name for name, match in self.label_status.items() if not match.taught]
 
     def summary(self) -> str:
-        found = [f"{name} ({int(np.count_nonzero(sitk.GetArrayViewFromImage(mask)))} voxels)"
-                 for name, mask in self.masks.items() if name not in self.empty_labels]
+        """One line: what was found (mapped and untaught labels marked), what was not, as labels.py words it."""
+        found = []
+        for name, mask in self.masks.items():
+            if name in self.empty_labels:
+                continue
+            match = self.label_status.get(name)
+            notes = [f"{int(np.count_nonzero(sitk.GetArrayViewFromImage(mask)))} voxels"]
+            if match is not None and match.status == labels.MAPPED:
+                notes.insert(0, match.describe())
+            elif match is not None and match.status == labels.UNTAUGHT:
+                notes.append("untaught label: a guess")
+            found.append(f"{name} ({', '.join(notes)})")
         parts = [f"found {', '.join(found)}" if found else "no label found"]
-        if self.empty_labels:
-            parts.append(f"absent (empty mask): {', '.join(self.empty_labels)}")
+        parts += labels.empty_report(self.empty_labels, self.untaught_labels)
         return "; ".join(parts) + f" [{self.slices} {self.axis} slices, {self.seconds:.1f} s]"
 
-
-def unique_labels(labels) -> List[str]:
-    if isinstance(labels, str):
-        labels = [labels]
-    cleaned = [str(label).strip() for label in labels or []]
-    if not cleaned or not all(cleaned):
-        raise SSAMError("no label name given; name the structure to segment, e.g. --label liver")
-    seen, result = set(), []
-    for label in cleaned:
-        if label_key(label) not in seen:
-            seen.add(label_key(label))
-            result.append(label)
-    return result
+    def notes(self) -> List[str]:
+        """Lines besides the summary: "note: ..." for mapped names, "warning: ..." for untaught labels and the fix."""
+        return labels.result_notes(list(self.label_status.values()), self.trained_labels)
 
 
 def _check_cancel(cancel):
@@ -72,13 +79,16 @@ def default_batch_size(device: torch.device) -> int:
 
 
 @torch.inference_mode()
-def segment_image(model, image: sitk.Image, labels, axis: str = "auto", threshold: float = 0.5,
+def segment_image(model, image: sitk.Image, requested, axis: str = "auto", threshold: float = 0.5,
                   intensity: str = "auto", window=None, batch_size: Optional[int] = None,
                   progress: Optional[Progress] = None, cancel=None) -> SegmentationResult:
-    """Masks for `labels` on `image` (2D/3D, scalar/RGB). See the module docstring for the data flow."""
+    """Masks for the `requested` label names on `image` (2D/3D, scalar/RGB), named and matched to the adapter's
+    trained labels as labels.match_labels says. See the module docstring for the data flow."""
     start = time.perf_counter()
     image = check_image(image)
-    labels = unique_labels(labels)
+    trained = model.labels.taught_names()
+    matches = labels.match_labels(requested, trained)
+    names = [match.name for match in matches]
     if not 0.0 < float(threshold) < 1.0:
         raise SSAMError(f"threshold {threshold} is outside (0, 1); use a probability such as 0.5")
     geometry = SliceGeometry.for_image(image, axis)
@@ -88,12 +98,12 @@ def segment_image(model, image: sitk.Image, labels, axis: str = "auto", threshol
     if not model.merged:
         model.merge()
     device = model.device
-    tokens = model.prompt_tokens(model.text_embeddings(labels))  # (N, 1, 256), once per image
+    tokens = model.prompt_tokens(model.text_embeddings(names))  # (N, 1, 256), once per image
     logit_threshold = math.log(threshold / (1.0 - threshold))
     batch_size = batch_size or default_batch_size(device)
 
     source = geometry.canonical(sitk.GetArrayViewFromImage(image))
-    outputs = [np.zeros(geometry.shape, dtype=np.uint8) for _ in labels]
+    outputs = [np.zeros(geometry.shape, dtype=np.uint8) for _ in names]
     targets = [geometry.canonical(out) for out in outputs]
     spacing = geometry.in_plane_spacing()
     total, skipped = geometry.num_slices, 0
@@ -118,13 +128,14 @@ def segment_image(model, image: sitk.Image, labels, axis: str = "auto", threshol
             model.train()
 
     masks = collections.OrderedDict()
-    for label, out in zip(labels, outputs):
+    for name, out in zip(names, outputs):
         mask = sitk.GetImageFromArray(out)
         _copy_geometry(mask, image)
-        masks[label] = mask
-    empty = [label for label, out in zip(labels, outputs) if not out.any()]
+        masks[name] = mask
+    empty = [name for name, out in zip(names, outputs) if not out.any()]
     return SegmentationResult(masks, empty, geometry.axis, geometry.array_axis, mapping.describe(), total, skipped,
-                              time.perf_counter() - start)
+                              time.perf_counter() - start, collections.OrderedDict((m.name, m) for m in matches),
+                              trained)
 
 
 def _copy_geometry(mask: sitk.Image, image: sitk.Image):

@@ -331,8 +331,9 @@ def _segmentation_job(job: dict, folder: Path, events: _Events, cancel) -> dict:
         name = f"masks/mask{index:03d}.nrrd"
         sitk.WriteImage(mask, str(folder / name), True)
         listed.append([label, name])
-    summary = result.summary() if hasattr(result, "summary") else ""
-    return {"masks": listed, "empty_labels": list(result.empty_labels), "summary": summary}
+    return {"masks": listed, "empty_labels": list(result.empty_labels), "untaught_labels": result.untaught_labels,
+            "label_status": {name: match.describe() for name, match in result.label_status.items()},
+            "notes": result.notes(), "summary": result.summary()}
 
 
 def _training_job(job: dict, folder: Path, events: _Events, cancel) -> dict:

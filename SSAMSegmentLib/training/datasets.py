@@ -40,7 +40,7 @@ import SimpleITK as sitk
 
 from ..errors import SSAMError
 from ..files.image_io import check_image, has_image_suffix, is_truncated, same_geometry, strip_image_suffix
-from ..model.text_encoders import label_key
+from ..model.labels import label_key
 
 LAYOUTS = ("nnunet", "folder2d", "segnrrd", "memory", "combined")
 MAX_LISTED_PROBLEMS = 20

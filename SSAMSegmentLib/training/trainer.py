@@ -26,7 +26,7 @@ from ..model.devices import autocast, autocast_dtype, select_device
 from ..errors import Cancelled, SSAMError
 from .losses import ssam_loss
 from .slice_bank import SliceBank, build_slice_bank
-from ..model.text_encoders import label_key
+from ..model.labels import label_key
 
 
 @dataclasses.dataclass
@@ -417,6 +417,7 @@ def train(config: TrainingConfig, progress: Optional[Callable[[TrainingProgress]
     torch.manual_seed(config.seed)  # the Text Affine Layer's initial weights: a run is repeatable from its seed
     model = load(base=config.base, text_encoder=config.text_encoder, image_size=config.image_size, device=device)
     text = model.text_embeddings(labels)  # encoded once; stored in the adapter
+    model.labels.mark_taught(labels)
     if config.tune == "norms":
         model.freeze_singular_values()
 

@@ -551,6 +551,7 @@ def test_dependency_list_comes_from_pyproject_with_torch_apart():
 
 def test_label_text_and_adapter_names(tmp_path, monkeypatch):
     assert Logic.parseLabels(" liver, spleen;; kidney left\n") == ["liver", "spleen", "kidney left"]
+    assert Logic.parseLabels("Liver, liver") == ["Liver"]  # the command line's rules (labels.py)
     assert Logic.parseLabels("") == []
     monkeypatch.setenv("SSAM_CACHE_DIR", str(tmp_path))
     logic = Logic()
@@ -579,9 +580,55 @@ def test_weights_needed_follow_the_adapter(tmp_path, monkeypatch):
     monkeypatch.setattr(Logic, "adapterInfo", lambda self, a: {"base": "sam_vit_b", "text_encoder": "clip-vit-b-32",
                                                                "labels": ["liver"]})
     assert logic.weightsNeeded("x", ["Liver"]) == ["sam_vit_b"]
+    assert logic.weightsNeeded("x", ["livers"]) == ["sam_vit_b"]  # mapped to the trained label: no text encoder
     assert logic.weightsNeeded("x", ["liver", "spleen"]) == ["sam_vit_b", "clip-vit-b-32"]
     monkeypatch.setenv("SSAM_CACHE_DIR", str(tmp_path))
     assert [w.id for w in Logic.missingWeights(["sam_vit_b"])] == ["sam_vit_b"]
+
+
+@pytest.fixture(scope="module")
+def organ_adapter(tmp_path_factory):
+    """A tiny random-weight adapter taught one label, "organ"."""
+    from helpers import perturbed_model
+
+    path = tmp_path_factory.mktemp("organ") / "organ.adapter.safetensors"
+    return perturbed_model(labels=("organ",), seed=5).save_adapter(path)
+
+
+def test_logic_reports_mapped_and_untaught_labels(scene, organ_adapter):
+    """In Slicer's process: the result says per label how the adapter knew it, the status line never calls an
+    untaught label's empty segment absent, and gives the warning with its fix."""
+    from SSAMSegmentLib.model import labels
+
+    volume = phantom(scene)
+    segmentation, ids, result = Logic().segment(volume, ["Organs", "tumour"], adapter=organ_adapter, device="cpu")
+    assert list(ids) == ["organ", "tumour"] and segment_names(segmentation) == ["organ", "tumour"]
+    assert [(m.requested, m.status) for m in result.label_status.values()] == [("Organs", labels.MAPPED),
+                                                                              ("tumour", labels.UNTAUGHT)]
+    notes = result.notes()
+    matches = list(result.label_status.values())
+    assert notes == [f"note: {labels.mapping_note(matches)}", f"warning: {labels.untaught_warning(matches, ['organ'])}"]
+    message = Logic.segmentationMessage(["organ", "tumour"], "Seg", ["organ", "tumour"], result.untaught_labels, notes)
+    assert message == ("Added organ, tumour to Seg. Absent (empty mask): organ. Not found (untaught label): tumour. "
+                       f"Note: {labels.mapping_note(matches)}. Warning: {labels.untaught_warning(matches, ['organ'])}.")
+    assert Logic.segmentationMessage(["organ"], "Seg", [], [], []) == "Added organ to Seg."
+
+
+def test_background_job_reports_untaught_labels(tmp_path, organ_adapter):
+    """What the panel's status line is made of comes back from the background process."""
+    from SSAMSegmentLib.model import labels
+
+    rng = np.random.default_rng(1)
+    sitk.WriteImage(sitk.GetImageFromArray(rng.normal(50, 20, (2, 40, 44)).astype(np.float32)),
+                    str(tmp_path / "input.nrrd"))
+    job = {"image": "input.nrrd", "labels": ["organ", "gland"], "adapter": str(organ_adapter), "device": "cpu",
+           "threshold": 0.999999}
+    events = type("Events", (), {"emit": lambda self, *a, **k: None})()
+    done = background_task._segmentation_job(job, tmp_path, events, type("Never", (), {"is_set": lambda s: False})())
+    assert done["empty_labels"] == ["organ", "gland"] and done["untaught_labels"] == ["gland"]
+    assert done["label_status"] == {"organ": labels.TAUGHT, "gland": labels.UNTAUGHT}
+    assert f"{labels.EMPTY_UNTAUGHT}: gland" in done["summary"] and f"{labels.EMPTY_TAUGHT}: organ" in done["summary"]
+    assert done["notes"] == [f"warning: {labels.untaught_warning(labels.match_labels(['gland'], ['organ']), ['organ'])}"]
 
 
 def test_training_config_checks_the_folder(tmp_path):

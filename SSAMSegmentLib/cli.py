@@ -67,7 +67,7 @@ def _info(args) -> int:
         print(f"  {group:<22}{counts[group]:>12,}")
     if metadata:
         print(f"adapter         {args.adapter}")
-        print(f"  labels        {', '.join(metadata.get('labels', [])) or '(none)'}")
+        print(f"  taught labels {', '.join(metadata.get('labels', [])) or '(none)'}")
         print(f"  base SHA256   {metadata.get('base_sha256')}")
         for key, value in (metadata.get("training") or {}).items():
             print(f"  {key:<14}{value}")

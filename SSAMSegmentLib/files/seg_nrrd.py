@@ -4,8 +4,8 @@ A mask set is an `OrderedDict[str, SimpleITK.Image]`: label name -> uint8 image 
 image's). The file is an NRRD in LPS space with the metadata Slicer's vtkMRMLSegmentationStorageNode reads and writes
 (`Segmentation_*` and `Segment<N>_*` keys). Segments that do not overlap share one layer (a 3D label map, value =
 the segment's LabelValue); overlapping segments go to further layers, written as a 4D NRRD with the list axis first,
-as Slicer does. A 2D mask set is written as 3D with one slice. Empty segments are kept: "this label is absent" is an
-answer. The header is written here (not by SimpleITK) so that every number is printed with full precision, plus
+as Slicer does. A 2D mask set is written as 3D with one slice. Empty segments are kept: for a taught label,
+"absent" is an answer. The header is written here (not by SimpleITK) so that every number is printed with full precision, plus
 three keys of our own that Slicer ignores (SSAMSegment_Dimension, _Spacing, _Direction): origin, spacing and
 direction, oblique included, come back bit for bit, and a 2D grid comes back 2D. A file re-saved by Slicer loses
 those keys and is read from its standard geometry (oblique spacing then off in the last bit, 2D as one slice).

@@ -86,14 +86,20 @@ def is_truncated(path) -> bool:
     return False  # NRRD, MHA, PNG, TIFF: ITK's readers fail on a short file
 
 
-def _read_dicom_series(folder: Path) -> sitk.Image:
+def dicom_series_files(folder) -> list:
+    """The files of the DICOM series a folder is read as, in slice order (GDCM's sort by position along the slice
+    normal): file k is slice k of the image. A folder with several series: the one with the most slices, the usual
+    main acquisition."""
     reader = sitk.ImageSeriesReader()
     series = reader.GetGDCMSeriesIDs(str(folder))
     if not series:
         raise SSAMError(f"{folder} is a folder without a DICOM series; give an image file or a DICOM series folder")
-    # A folder with several series: take the one with the most slices, the usual main acquisition.
-    files = max((reader.GetGDCMSeriesFileNames(str(folder), sid) for sid in series), key=len)
-    reader.SetFileNames(files)
+    return list(max((reader.GetGDCMSeriesFileNames(str(folder), sid) for sid in series), key=len))
+
+
+def _read_dicom_series(folder: Path) -> sitk.Image:
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(dicom_series_files(folder))
     return reader.Execute()
 
 

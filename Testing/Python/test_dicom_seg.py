@@ -177,12 +177,14 @@ def adapter(tmp_path_factory):
 
 
 @pytest.mark.data
-def test_cli_writes_a_dicom_seg_for_a_dicom_series(data_dir, adapter, tmp_path):
+@pytest.mark.slow
+def test_cli_writes_a_dicom_seg_for_a_dicom_series(data_dir, adapter, tmp_path, monkeypatch, capsys):
+    from SSAMSegmentLib.cli import main
     from SSAMSegmentLib.model.weights import file_sha256
 
     folder = data_dir / "dcmqi-ct-3slice"
-    run = ssam("segment", folder, "--label", "organ", "--label", "vessel", "--adapter", adapter,
-               "--output", tmp_path / "result.dcm", "--threshold", "0.3")
+    job = ["segment", folder, "--label", "organ", "--label", "vessel", "--adapter", adapter, "--threshold", "0.3"]
+    run = ssam(*job, "--output", tmp_path / "result.dcm")  # as a user runs it
     assert run.returncode == 0, run.stderr
     assert f"wrote {tmp_path / 'result.dcm'}" in run.stdout
     seg = pydicom.dcmread(str(tmp_path / "result.dcm"))
@@ -191,30 +193,37 @@ def test_cli_writes_a_dicom_seg_for_a_dicom_series(data_dir, adapter, tmp_path):
     assert file_sha256(adapter) in parameters and "test.adapter.safetensors" in parameters
     source = DicomSeries.of_input(folder)
     assert referenced_instances(tmp_path / "result.dcm") == set(source.sop_instance_uids)
-    # The same job written as .seg.nrrd gives the same masks.
-    assert ssam("segment", folder, "--label", "organ", "--label", "vessel", "--adapter", adapter,
-                "--output", tmp_path / "result.seg.nrrd", "--threshold", "0.3").returncode == 0
+    # The same job written as .seg.nrrd gives the same masks (in-process: no second start of PyTorch).
+    assert main([str(a) for a in job] + ["--output", str(tmp_path / "result.seg.nrrd")]) == 0
     nrrd, _ = read_seg_nrrd(tmp_path / "result.seg.nrrd")
     back = read_dicom_seg(tmp_path / "result.dcm", grid=read_image(folder), source=source)
     for name in ("organ", "vessel"):
         assert np.array_equal(sitk.GetArrayFromImage(back[name]), sitk.GetArrayFromImage(nrrd[name])), name
     # --format dicom-seg names the output after the input.
-    run = ssam("segment", folder, "--label", "organ", "--adapter", adapter, "--format", "dicom-seg", cwd=tmp_path)
-    assert run.returncode == 0, run.stderr
+    monkeypatch.chdir(tmp_path)
+    assert main([str(a) for a in job] + ["--format", "dicom-seg"]) == 0
     assert (tmp_path / "dcmqi-ct-3slice.dcm").is_file()
 
 
-def test_cli_refuses_dicom_seg_of_a_non_dicom_input_before_any_work(adapter, tmp_path):
+def test_cli_refuses_dicom_seg_of_a_non_dicom_input_before_any_work(adapter, tmp_path, monkeypatch, capsys):
+    from SSAMSegmentLib import cli
+    from SSAMSegmentLib.model import loading
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output was checked")
+
+    monkeypatch.setattr(loading, "load", no_model)
+    monkeypatch.chdir(tmp_path)
     image = sitk.GetImageFromArray(np.zeros((4, 16, 16), np.int16))
     sitk.WriteImage(image, str(tmp_path / "ct.nii.gz"))
-    for args in (["--output", tmp_path / "result.dcm"], ["--format", "dicom-seg"],
-                 ["--output", tmp_path / "result.dcm", "--format", "nifti"]):
+    for args, expected in ((["--output", str(tmp_path / "result.dcm")], "no source series to reference"),
+                           (["--format", "dicom-seg"], "no source series to reference"),
+                           (["--output", str(tmp_path / "result.dcm"), "--format", "nifti"], "--format nifti")):
         before = set(tmp_path.rglob("*"))
-        run = ssam("segment", tmp_path / "ct.nii.gz", "--label", "organ", "--adapter", adapter, *args, cwd=tmp_path)
-        lines = [line for line in run.stderr.strip().splitlines() if line.strip()]
-        assert run.returncode == 2 and len(lines) == 1, (args, run.stderr[-1000:])
-        assert lines[0].startswith("ssam segment: error:"), lines
-        assert ("no source series to reference" in lines[0]) or ("--format nifti" in lines[0]), lines
+        code = cli.main(["segment", str(tmp_path / "ct.nii.gz"), "--label", "organ", "--adapter", str(adapter)] + args)
+        lines = [line for line in capsys.readouterr().err.strip().splitlines() if line.strip()]
+        assert code == 2 and len(lines) == 1, (args, lines)
+        assert lines[0].startswith("ssam segment: error:") and expected in lines[0], lines
         assert set(tmp_path.rglob("*")) == before
 
 

@@ -251,3 +251,54 @@ def test_a_seg_of_another_series_does_not_fit(data_dir, tmp_path):
     (tmp_path / "junk.dcm").write_bytes(b"not dicom at all")
     with pytest.raises(SSAMError, match="cannot read .* as a DICOM SEG"):
         read_dicom_seg(tmp_path / "junk.dcm")
+
+
+def _seg_dataset(data_dir, root):
+    """A training folder as a PACS export gives it: series folders (any names) with the SEGs made on them beside."""
+    root.mkdir()
+    for series, case in (("dcmqi", "chest"), ("totalsegmentator", "abdomen")):
+        folder, image, masks = _reference_masks(data_dir, series)
+        (root / f"series_{case}").symlink_to(folder, target_is_directory=True)
+        write_dicom_seg(root / f"{case}.dcm", masks, DicomSeries.of_input(folder))
+    return root
+
+
+@pytest.mark.data
+def test_dicom_seg_files_beside_their_series_are_a_training_dataset(data_dir, tmp_path):
+    from SSAMSegmentLib.training.datasets import DatasetProblems, open_dataset
+
+    root = _seg_dataset(data_dir, tmp_path / "export")
+    dataset = open_dataset(root, labels=["liver", "spine"])
+    assert dataset.layout == "dicomseg" and sorted(c.case_id for c in dataset.cases) == ["abdomen", "chest"]
+    assert dataset.label_names == ["liver", "spine"]
+    chest = next(c for c in dataset.cases if c.case_id == "chest")
+    assert chest.present_labels == {"liver", "spine"}
+    image, masks = chest.load()
+    _folder, _image, reference = _reference_masks(data_dir, "dcmqi")
+    for name in ("liver", "spine"):
+        assert np.array_equal(masks[name], sitk.GetArrayFromImage(reference[name])), name
+    abdomen = next(c for c in dataset.cases if c.case_id == "abdomen")
+    assert abdomen.present_labels == {"liver"} and not abdomen.load()[1]["spine"].any()
+
+    # A SEG whose series is not there, and a series without a SEG: both named, nothing trained.
+    (root / "series_abdomen").unlink()
+    (root / "orphan").symlink_to(data_dir / "dcmqi-ct-3slice", target_is_directory=True)
+    with pytest.raises(DatasetProblems) as problems:
+        open_dataset(root)
+    text = str(problems.value)
+    assert "abdomen.dcm references 20 instances that are not all in one series folder" in text
+    assert "orphan/ has no DICOM SEG beside it" in text
+
+
+@pytest.mark.data
+@pytest.mark.slow
+def test_ssam_train_on_dicom_seg(data_dir, tmp_path):
+    from SSAMSegmentLib import TrainingConfig, train
+    from SSAMSegmentLib.model.adapter import read_metadata
+
+    root = _seg_dataset(data_dir, tmp_path / "export")
+    result = train(TrainingConfig(data=str(root), output=str(tmp_path / "dicom.adapter.safetensors"), base="test-vit",
+                                  image_size=64, epochs=1, batch_size=2, val_fraction=0.0, labels=["liver", "heart"],
+                                  max_steps=2))
+    metadata = read_metadata(result.adapter_path)
+    assert metadata["labels"] == ["liver", "heart"] and metadata["training"]["layout"] == "dicomseg"

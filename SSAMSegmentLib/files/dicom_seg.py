@@ -31,7 +31,7 @@ import SimpleITK as sitk
 from .. import __version__
 from ..errors import SSAMError
 from .atomic_file import atomic_output
-from .dicom_series import DicomSeries
+from .dicom_series import DicomSeries, pydicom_module
 from .seg_nrrd import check_masks, mask_array, segment_colors
 from .segment_codes import segment_code
 
@@ -47,6 +47,15 @@ class Algorithm(NamedTuple):
     adapter_sha256: str  # its SHA256, or "none"
     base: str = "unknown"
     version: str = __version__
+
+
+def _highdicom():
+    try:
+        import highdicom
+    except ImportError:
+        raise SSAMError("DICOM SEG needs the highdicom package (Python 3.10 or newer): pip install highdicom, or "
+                        "write .seg.nrrd instead") from None
+    return highdicom
 
 
 def algorithm_of(model) -> Algorithm:
@@ -67,7 +76,7 @@ def _lo(text: str, length: int = 64) -> str:
 
 
 def _segment_descriptions(names: Sequence[str], empty: Sequence[str], algorithm: Algorithm):
-    import highdicom as hd
+    hd = _highdicom()
     from pydicom.sr.codedict import codes
 
     identification = hd.AlgorithmIdentificationSequence(
@@ -90,7 +99,7 @@ def _segment_descriptions(names: Sequence[str], empty: Sequence[str], algorithm:
 def write_dicom_seg(path, masks, source: DicomSeries, algorithm: Optional[Algorithm] = None) -> Tuple[Path, List[str]]:
     """Write a mask set computed on the image read from `source` as one DICOM SEG; returns (path, empty labels).
     Written atomically: on any error nothing is left at `path`."""
-    import highdicom as hd
+    hd = _highdicom()
 
     reference = check_masks(masks)
     source.check_grid(reference)
@@ -130,8 +139,12 @@ def write_dicom_seg(path, masks, source: DicomSeries, algorithm: Optional[Algori
 
 # ----------------------------------------------------------------------------------------------------- reading
 def is_dicom_seg(path) -> bool:
-    """True for a DICOM file whose SOP Class is Segmentation Storage (the header alone is read)."""
-    import pydicom
+    """True for a DICOM file whose SOP Class is Segmentation Storage (the header alone is read); False without
+    pydicom installed, as nothing could read it."""
+    try:
+        import pydicom
+    except ImportError:
+        return False
 
     path = Path(path)
     if not path.is_file():
@@ -145,7 +158,7 @@ def is_dicom_seg(path) -> bool:
 
 def referenced_instances(path) -> set:
     """The SOP Instance UIDs a SEG references (Referenced Series Sequence), from its header."""
-    import pydicom
+    pydicom = pydicom_module()
 
     header = pydicom.dcmread(str(path), stop_before_pixels=True)
     return {str(instance.ReferencedSOPInstanceUID)
@@ -154,7 +167,7 @@ def referenced_instances(path) -> set:
 
 
 def _segread(path: Path):
-    import highdicom as hd
+    hd = _highdicom()
 
     if not path.is_file():
         raise SSAMError(f"DICOM SEG {path} does not exist; check the path")
@@ -178,7 +191,7 @@ def _names(seg) -> "OrderedDict[int, str]":
 
 def volume_geometry(image: sitk.Image):
     """highdicom's VolumeGeometry of a SimpleITK grid (axes (slice, row, column) = SimpleITK's (z, y, x))."""
-    import highdicom as hd
+    hd = _highdicom()
 
     size, spacing = list(image.GetSize()), list(image.GetSpacing())
     direction = np.array(image.GetDirection(), float).reshape(image.GetDimension(), image.GetDimension())
@@ -282,3 +295,48 @@ def empty_segments(path) -> List[str]:
             with_frames.add(int(item.ReferencedSegmentNumber))
     return [name for number, name in names.items() if number not in with_frames
             or str(seg.get_segment_description(number).get("SegmentDescription", "")) == EMPTY_SEGMENT_DESCRIPTION]
+
+
+# ------------------------------------------------------------------------------------- grids of different spans
+def common_grid(a: sitk.Image, b: sitk.Image) -> sitk.Image:
+    """The smallest grid on `a`'s lattice (its spacing and direction) that covers both `a` and `b`, e.g. two SEGs
+    of one series that store different spans of frames. `b` must lie on that lattice (SSAMError otherwise)."""
+    size_b = np.array(b.GetSize())
+    corner_indices = np.stack(np.meshgrid(*[(0, n - 1) for n in size_b], indexing="ij"), -1).reshape(-1, len(size_b))
+    corners = [b.TransformIndexToPhysicalPoint([int(v) for v in corner]) for corner in corner_indices]
+    indices = np.array([a.TransformPhysicalPointToContinuousIndex(c) for c in corners])
+    if np.max(np.abs(indices - np.round(indices))) > 1e-3:
+        raise SSAMError("the two segmentations are not on one voxel lattice (different spacing or a shifted grid); "
+                        "compare segmentations made on the same image")
+    low = np.minimum(np.round(indices).min(axis=0), 0).astype(int)
+    high = np.maximum(np.round(indices).max(axis=0), np.array(a.GetSize()) - 1).astype(int)
+    grid = sitk.Image([int(v) for v in high - low + 1], sitk.sitkUInt8)
+    direction = np.array(a.GetDirection()).reshape(a.GetDimension(), a.GetDimension())
+    origin = np.array(a.GetOrigin()) + direction @ (np.array(a.GetSpacing()) * low)
+    grid.SetSpacing(a.GetSpacing())
+    grid.SetDirection(a.GetDirection())
+    grid.SetOrigin([float(v) for v in origin])
+    return grid
+
+
+def place_masks(masks, grid: sitk.Image, what: str = "the DICOM SEG") -> "OrderedDict[str, sitk.Image]":
+    """A mask set read from a SEG (on its own span of frames) put onto `grid` without resampling (highdicom
+    `Volume.match_geometry`: axes permuted, flipped, padded, cropped); an SSAMError when that would cut foreground
+    off or the grids do not share a lattice."""
+    hd = _highdicom()
+
+    placed: "OrderedDict[str, sitk.Image]" = OrderedDict()
+    target = volume_geometry(grid)
+    for name, mask in masks.items():
+        array = sitk.GetArrayFromImage(mask)
+        volume = hd.Volume(array if array.ndim == 3 else array[None], volume_geometry(mask).affine, "PATIENT")
+        try:
+            matched = np.asarray(volume.match_geometry(target).array)
+        except (RuntimeError, ValueError):
+            raise SSAMError(f"{what} does not lie on the other segmentation's grid; compare segmentations made on "
+                            f"the same image") from None
+        if int(np.count_nonzero(matched)) != int(np.count_nonzero(array)):
+            raise SSAMError(f"{what} has voxels of {name!r} outside the other segmentation's grid; compare "
+                            f"segmentations made on the same image")
+        placed[name] = _masks(matched[..., None], [name], grid)[name]
+    return placed

@@ -24,8 +24,18 @@ _NOT_DICOM = ("{name} is not DICOM, so a DICOM SEG has no source series to refer
               "(or one .dcm file), or write .seg.nrrd or .nii.gz instead")
 
 
+def pydicom_module():
+    """pydicom, or a one-line SSAMError saying how to get it (it comes with highdicom)."""
+    try:
+        import pydicom
+    except ImportError:
+        raise SSAMError("reading DICOM headers needs pydicom: pip install highdicom (brings pydicom), or write "
+                        ".seg.nrrd instead") from None
+    return pydicom
+
+
 def _read_header(path: Path):
-    import pydicom
+    pydicom = pydicom_module()
     from pydicom.errors import InvalidDicomError
 
     try:

@@ -302,3 +302,37 @@ def test_ssam_train_on_dicom_seg(data_dir, tmp_path):
                                   max_steps=2))
     metadata = read_metadata(result.adapter_path)
     assert metadata["labels"] == ["liver", "heart"] and metadata["training"]["layout"] == "dicomseg"
+
+
+@pytest.mark.data
+def test_evaluate_takes_dicom_seg_predictions_and_references(data_dir, tmp_path):
+    from SSAMSegmentLib.training.evaluation import evaluate
+
+    folder, image, masks = _reference_masks(data_dir, "totalsegmentator")
+    source = DicomSeries.of_input(folder)
+    write_dicom_seg(tmp_path / "truth.dcm", masks, source)
+    write_outputs(tmp_path / "truth.nii.gz", image, masks)
+    # A prediction that misses the liver's top five slices: its SEG stores a shorter span of frames than the truth.
+    liver = sitk.GetArrayFromImage(masks["liver"])
+    rows = np.flatnonzero(liver.reshape(liver.shape[0], -1).any(axis=1))
+    cut = liver.copy()
+    cut[rows[-5:]] = 0
+    predicted = sitk.GetImageFromArray(cut)
+    predicted.CopyInformation(image)
+    write_dicom_seg(tmp_path / "prediction.dcm", {"liver": predicted, "kidney": masks["kidney"]}, source)
+    expected = 2 * cut.sum() / (cut.sum() + liver.sum())
+    for prediction, reference in (("prediction.dcm", "truth.dcm"), ("prediction.dcm", "truth.nii.gz")):
+        report = evaluate(tmp_path / prediction, tmp_path / reference)
+        labels = report["cases"][0]["labels"]
+        assert labels["liver"]["dice"] == pytest.approx(expected, abs=1e-9), (prediction, reference)
+        assert labels["kidney"]["dice"] == 1.0  # absent in both: a correct "absent"
+    report = evaluate(tmp_path / "truth.nii.gz", tmp_path / "truth.dcm")
+    assert report["cases"][0]["labels"]["liver"]["dice"] == 1.0
+    # Folders: case names match across a SEG and a label map.
+    (tmp_path / "pred").mkdir()
+    (tmp_path / "ref").mkdir()
+    (tmp_path / "pred" / "case1.dcm").symlink_to(tmp_path / "prediction.dcm")
+    (tmp_path / "ref" / "case1.nii.gz").symlink_to(tmp_path / "truth.nii.gz")
+    (tmp_path / "ref" / "case1.json").symlink_to(tmp_path / "truth.json")
+    report = evaluate(tmp_path / "pred", tmp_path / "ref")
+    assert report["cases"][0]["labels"]["liver"]["dice"] == pytest.approx(expected, abs=1e-9)

@@ -21,11 +21,14 @@ def resolve_output(input_path, output_path=None, output_format=None) -> Path:
     if output_format is not None and output_format not in OUTPUT_FORMATS:
         raise SSAMError(f"unknown output format {output_format!r}; use one of: {', '.join(OUTPUT_FORMATS)}")
     if output_path is None:
-        return default_output(input_path, suffix=OUTPUT_FORMATS[output_format or "seg-nrrd"])
+        output_path = default_output(input_path, suffix=OUTPUT_FORMATS[output_format or "seg-nrrd"])
     output_path = Path(output_path)
     if output_format is not None and output_suffix(output_path) != OUTPUT_FORMATS[output_format]:
         raise SSAMError(f"--format {output_format} writes *{OUTPUT_FORMATS[output_format]} files, but the output is "
                         f"{output_path.name}; change one of them")
+    # `ssam segment 02.dcm --format dicom-seg` run in the series folder would name the SEG after its input.
+    if output_path.expanduser().resolve() == Path(input_path).expanduser().resolve():
+        raise SSAMError(f"the output {output_path} is the input itself; give another --output")
     return output_path
 
 

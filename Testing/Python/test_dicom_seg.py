@@ -225,6 +225,12 @@ def test_cli_refuses_dicom_seg_of_a_non_dicom_input_before_any_work(adapter, tmp
         assert code == 2 and len(lines) == 1, (args, lines)
         assert lines[0].startswith("ssam segment: error:") and expected in lines[0], lines
         assert set(tmp_path.rglob("*")) == before
+    # A DICOM file segmented into a SEG named after it, in its own folder: the input is never overwritten.
+    source = tmp_path / "slice.dcm"
+    source.write_bytes(b"DICOM stand-in")
+    code = cli.main(["segment", "slice.dcm", "--label", "organ", "--adapter", str(adapter), "--format", "dicom-seg"])
+    assert code == 2 and "is the input itself" in capsys.readouterr().err
+    assert source.read_bytes() == b"DICOM stand-in"
 
 
 @pytest.mark.data

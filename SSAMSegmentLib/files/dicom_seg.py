@@ -35,7 +35,8 @@ from .dicom_series import DicomSeries, pydicom_module
 from .seg_nrrd import check_masks, mask_array, segment_colors
 from .segment_codes import segment_code
 
-SEGMENTATION_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+SEGMENTATION_SOP_CLASSES = ("1.2.840.10008.5.1.4.1.1.66.4",  # Segmentation Storage (BINARY, FRACTIONAL)
+                            "1.2.840.10008.5.1.4.1.1.66.7")  # Label Map Segmentation Storage
 ALGORITHM_NAME = "SSAM Segment"
 EMPTY_SEGMENT_DESCRIPTION = "empty: no voxel of this label was found"
 _SERIES_NUMBER = 1000  # above the scanner's own series numbers, so the SEG sorts after its image in a viewer
@@ -139,7 +140,7 @@ def write_dicom_seg(path, masks, source: DicomSeries, algorithm: Optional[Algori
 
 # ----------------------------------------------------------------------------------------------------- reading
 def is_dicom_seg(path) -> bool:
-    """True for a DICOM file whose SOP Class is Segmentation Storage (the header alone is read); False without
+    """True for a DICOM file whose SOP Class is a Segmentation Storage (the header alone is read); False without
     pydicom installed, as nothing could read it."""
     try:
         import pydicom
@@ -153,7 +154,7 @@ def is_dicom_seg(path) -> bool:
         header = pydicom.dcmread(str(path), stop_before_pixels=True, specific_tags=["SOPClassUID", "Modality"])
     except Exception:  # not DICOM at all, or damaged: not a SEG either way
         return False
-    return str(header.get("SOPClassUID", "")) == SEGMENTATION_SOP_CLASS
+    return str(header.get("SOPClassUID", "")) in SEGMENTATION_SOP_CLASSES
 
 
 def referenced_instances(path) -> set:

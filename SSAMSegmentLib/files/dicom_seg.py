@@ -173,10 +173,17 @@ def _segread(path: Path):
     if not path.is_file():
         raise SSAMError(f"DICOM SEG {path} does not exist; check the path")
     try:
-        return hd.seg.segread(str(path))
+        seg = hd.seg.segread(str(path))
     except Exception as error:  # pydicom and highdicom raise many kinds for a damaged or foreign file
         reason = str(error).strip().splitlines()[0][:120] if str(error).strip() else type(error).__name__
         raise SSAMError(f"cannot read {path} as a DICOM SEG ({reason}); give a DICOM Segmentation file") from None
+    # Pixel data is decoded lazily: a file cut short would fail later with a numpy message, so measure it now.
+    if not seg.file_meta.TransferSyntaxUID.is_encapsulated:
+        bits = int(seg.Rows) * int(seg.Columns) * int(seg.get("NumberOfFrames", 1)) * int(seg.BitsAllocated)
+        if len(seg.get("PixelData", b"") or b"") < (bits + 7) // 8:
+            raise SSAMError(f"cannot read {path} as a DICOM SEG (truncated: its pixel data ends before the last "
+                            f"frame); copy or export it again")
+    return seg
 
 
 def _names(seg) -> "OrderedDict[int, str]":

@@ -199,10 +199,11 @@ def test_cli_writes_a_dicom_seg_for_a_dicom_series(data_dir, adapter, tmp_path, 
     back = read_dicom_seg(tmp_path / "result.dcm", grid=read_image(folder), source=source)
     for name in ("organ", "vessel"):
         assert np.array_equal(sitk.GetArrayFromImage(back[name]), sitk.GetArrayFromImage(nrrd[name])), name
-    # --format dicom-seg names the output after the input.
+    # --format dicom-seg names the output after the input; a preview comes with it as with any output.
     monkeypatch.chdir(tmp_path)
-    assert main([str(a) for a in job] + ["--format", "dicom-seg"]) == 0
-    assert (tmp_path / "dcmqi-ct-3slice.dcm").is_file()
+    assert main([str(a) for a in job] + ["--format", "dicom-seg", "--preview", "preview.png"]) == 0
+    assert (tmp_path / "dcmqi-ct-3slice.dcm").is_file() and (tmp_path / "preview.png").stat().st_size > 1000
+    assert "wrote dcmqi-ct-3slice.dcm" in capsys.readouterr().out
 
 
 def test_cli_refuses_dicom_seg_of_a_non_dicom_input_before_any_work(adapter, tmp_path, monkeypatch, capsys):
@@ -257,6 +258,10 @@ def test_a_seg_of_another_series_does_not_fit(data_dir, tmp_path):
     (tmp_path / "junk.dcm").write_bytes(b"not dicom at all")
     with pytest.raises(SSAMError, match="cannot read .* as a DICOM SEG"):
         read_dicom_seg(tmp_path / "junk.dcm")
+    whole = (tmp_path / "case.dcm").read_bytes()
+    (tmp_path / "truncated.dcm").write_bytes(whole[: len(whole) // 2])  # a copy cut short
+    with pytest.raises(SSAMError, match="cannot read .* as a DICOM SEG"):
+        read_dicom_seg(tmp_path / "truncated.dcm", grid=image)
 
 
 def _seg_dataset(data_dir, root):

@@ -19,11 +19,10 @@ instances, by position (highdicom `Volume.match_geometry`: no resampling, the fr
 a grid: on the SEG's own grid, the span of its frames.
 """
 
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 from typing import List, NamedTuple, Optional, Sequence, Tuple
-
-import warnings
 
 import numpy as np
 import SimpleITK as sitk
@@ -97,6 +96,28 @@ def _segment_descriptions(names: Sequence[str], empty: Sequence[str], algorithm:
     return descriptions
 
 
+def _pixel_array(masks, shape) -> Tuple[np.ndarray, List[str]]:
+    """highdicom's pixel array for a mask set on `shape` (frames, rows, columns), and the empty labels. Labels that
+    do not overlap go into one label map (value = segment number): one volume in memory, where highdicom's stacked
+    form (one more axis of labels) is needed only when some voxel is in two labels."""
+    names = list(masks)
+    labels = np.zeros(shape, np.uint8 if len(names) <= 255 else np.uint16)
+    empty = []
+    for number, name in enumerate(names, start=1):
+        mask = mask_array(masks[name]).reshape(shape).astype(bool, copy=False)
+        if not mask.any():
+            empty.append(name)
+        elif labels[mask].any():
+            break  # overlap: stacked form
+        labels[mask] = number
+    else:
+        return labels, empty
+    stack = np.zeros(shape + (len(names),), np.uint8)
+    for index, name in enumerate(names):
+        stack[..., index] = mask_array(masks[name]).reshape(shape)
+    return stack, [name for index, name in enumerate(names) if not stack[..., index].any()]
+
+
 def write_dicom_seg(path, masks, source: DicomSeries, algorithm: Optional[Algorithm] = None) -> Tuple[Path, List[str]]:
     """Write a mask set computed on the image read from `source` as one DICOM SEG; returns (path, empty labels).
     Written atomically: on any error nothing is left at `path`."""
@@ -107,11 +128,8 @@ def write_dicom_seg(path, masks, source: DicomSeries, algorithm: Optional[Algori
     names = list(masks)
     if len(names) > 65535:
         raise SSAMError(f"{len(names)} labels do not fit one DICOM SEG; write fewer labels per file")
-    rows, columns = int(source.datasets[0].Rows), int(source.datasets[0].Columns)
-    stack = np.zeros((len(source.datasets), rows, columns, len(names)), np.uint8)
-    for index, name in enumerate(names):
-        stack[..., index] = mask_array(masks[name]).reshape(stack.shape[:3])
-    empty = [name for index, name in enumerate(names) if not stack[..., index].any()]
+    pixels, empty = _pixel_array(masks, (len(source.datasets), int(source.datasets[0].Rows),
+                                         int(source.datasets[0].Columns)))
     algorithm = algorithm or Algorithm("none", "none")
     found = [name for name in names if name not in empty]
     description = f"{ALGORITHM_NAME} {algorithm.version}" + (f"; empty: {', '.join(empty)}" if empty else "")
@@ -120,7 +138,7 @@ def write_dicom_seg(path, masks, source: DicomSeries, algorithm: Optional[Algori
             # highdicom warns about the source's own oddities (a one-component patient name): not the user's problem.
             warnings.simplefilter("ignore", UserWarning)
             seg = hd.seg.Segmentation(
-                source_images=source.datasets, pixel_array=stack, segmentation_type="BINARY",
+                source_images=source.datasets, pixel_array=pixels, segmentation_type="BINARY",
                 segment_descriptions=_segment_descriptions(names, empty, algorithm),
                 series_instance_uid=hd.UID(), series_number=_SERIES_NUMBER, sop_instance_uid=hd.UID(),
                 instance_number=1, manufacturer=ALGORITHM_NAME, manufacturer_model_name=ALGORITHM_NAME,

@@ -97,6 +97,9 @@ def test_dicom_seg_round_trip_equals_the_seg_nrrd(data_dir, tmp_path, series):
     # Plain pydicom: every frame is the .seg.nrrd's slice of its segment, at its source instance's slice.
     seg, frames = _frames_by_pydicom(tmp_path / "case.dcm", source)
     assert seg.Modality == "SEG" and seg.SegmentationType == "BINARY"
+    # The dcmqi outlines overlap (liver and heart share voxels), TotalSegmentator's labels do not: both of the
+    # writer's forms (stacked labels, one label map) are covered.
+    assert seg.SegmentsOverlap == {"dcmqi": "YES", "totalsegmentator": "NO"}[series]
     assert seg.StudyInstanceUID == source.datasets[0].StudyInstanceUID
     assert seg.FrameOfReferenceUID == source.datasets[0].FrameOfReferenceUID
     assert [str(s.SegmentLabel) for s in seg.SegmentSequence] == names
@@ -246,6 +249,21 @@ def test_every_label_empty_still_writes_a_valid_seg(data_dir, tmp_path):
     assert int(seg.NumberOfFrames) == 3 and not seg.pixel_array.any()  # highdicom needs frames: all blank ones
     back = read_dicom_seg(path, grid=image)
     assert not sitk.GetArrayFromImage(back["liver"]).any()
+
+
+@pytest.mark.data
+def test_overlapping_labels_keep_their_own_voxels(data_dir, tmp_path):
+    folder, image, masks = _reference_masks(data_dir, "dcmqi")
+    liver = sitk.GetArrayFromImage(masks["liver"])
+    grown = sitk.GetImageFromArray(np.maximum(liver, np.roll(liver, 40, axis=2)))  # half inside the liver
+    grown.CopyInformation(image)
+    overlapping = OrderedDict([("liver", masks["liver"]), ("liver region", grown), ("spine", masks["spine"])])
+    source = DicomSeries.of_input(folder)
+    write_dicom_seg(tmp_path / "overlap.dcm", overlapping, source)
+    assert pydicom.dcmread(str(tmp_path / "overlap.dcm"), stop_before_pixels=True).SegmentsOverlap == "YES"
+    back = read_dicom_seg(tmp_path / "overlap.dcm", grid=image, source=source)
+    for name, mask in overlapping.items():
+        assert np.array_equal(sitk.GetArrayFromImage(back[name]), sitk.GetArrayFromImage(mask)), name
 
 
 @pytest.mark.data

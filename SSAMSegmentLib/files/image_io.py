@@ -97,19 +97,20 @@ def dicom_series_files(folder) -> list:
     return list(max((reader.GetGDCMSeriesFileNames(str(folder), sid) for sid in series), key=len))
 
 
-def _read_dicom_series(folder: Path) -> sitk.Image:
+def _read_dicom_series(folder: Path, files=None) -> sitk.Image:
     reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(dicom_series_files(folder))
+    reader.SetFileNames([str(f) for f in files] if files else dicom_series_files(folder))
     return reader.Execute()
 
 
-def read_image(path) -> sitk.Image:
-    """Read and check one image; raise SSAMError naming the problem and the fix."""
+def read_image(path, dicom_files=None) -> sitk.Image:
+    """Read and check one image; raise SSAMError naming the problem and the fix. `dicom_files`: for a DICOM series
+    folder, its files as `dicom_series_files` listed them already (the folder is then not scanned a second time)."""
     path = Path(path).expanduser()
     if not path.exists():
         raise SSAMError(f"input {path} does not exist; check the path")
     try:
-        image = _read_dicom_series(path) if path.is_dir() else sitk.ReadImage(str(path))
+        image = _read_dicom_series(path, dicom_files) if path.is_dir() else sitk.ReadImage(str(path))
     except SSAMError:
         raise
     except RuntimeError as error:

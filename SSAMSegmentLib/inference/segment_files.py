@@ -72,7 +72,7 @@ def segment_file(model, input_path, labels, output_path=None, axis="auto", previ
         if not preview.name.lower().endswith(".png"):
             raise SSAMError(f"preview {preview} must be a .png file")
     dicom_source = dicom_source or dicom_source_for(input_path, output_path)
-    image = read_image(input_path)
+    image = read_image(input_path, dicom_files=dicom_source.files if dicom_source is not None else None)
     algorithm = None
     if dicom_source is not None:
         from ..files.dicom_seg import algorithm_of

@@ -127,6 +127,13 @@ def run(argv) -> int:
             return EXIT_USAGE
         inputs = find_inputs(Path(args.input).expanduser())
         outputs = output_paths(inputs, output_folder, dicom_seg=args.dicom_seg)
+        if args.dicom_seg and any(is_dicom_input(item) for item in inputs):
+            from SSAMSegmentLib.files.dicom_seg import highdicom_module
+
+            try:
+                highdicom_module()
+            except SSAMError as error:
+                raise UsageError(str(error)) from None
         try:
             model = SSAMSegmentLib.load(adapter=args.adapter, device=device_name(args.device), merge=True)
         except SSAMError as error:

@@ -49,7 +49,8 @@ class Algorithm(NamedTuple):
     version: str = __version__
 
 
-def _highdicom():
+def highdicom_module():
+    """highdicom, or a one-line SSAMError saying how to get it (asked before any work by `dicom_source_for`)."""
     try:
         import highdicom
     except ImportError:
@@ -76,7 +77,7 @@ def _lo(text: str, length: int = 64) -> str:
 
 
 def _segment_descriptions(names: Sequence[str], empty: Sequence[str], algorithm: Algorithm):
-    hd = _highdicom()
+    hd = highdicom_module()
     from pydicom.sr.codedict import codes
 
     identification = hd.AlgorithmIdentificationSequence(
@@ -121,7 +122,7 @@ def _pixel_array(masks, shape) -> Tuple[np.ndarray, List[str]]:
 def write_dicom_seg(path, masks, source: DicomSeries, algorithm: Optional[Algorithm] = None) -> Tuple[Path, List[str]]:
     """Write a mask set computed on the image read from `source` as one DICOM SEG; returns (path, empty labels).
     Written atomically: on any error nothing is left at `path`."""
-    hd = _highdicom()
+    hd = highdicom_module()
 
     reference = check_masks(masks)
     source.check_grid(reference)
@@ -186,7 +187,7 @@ def referenced_instances(path) -> set:
 
 
 def _segread(path: Path):
-    hd = _highdicom()
+    hd = highdicom_module()
 
     if not path.is_file():
         raise SSAMError(f"DICOM SEG {path} does not exist; check the path")
@@ -217,7 +218,7 @@ def _names(seg) -> "OrderedDict[int, str]":
 
 def volume_geometry(image: sitk.Image):
     """highdicom's VolumeGeometry of a SimpleITK grid (axes (slice, row, column) = SimpleITK's (z, y, x))."""
-    hd = _highdicom()
+    hd = highdicom_module()
 
     size, spacing = list(image.GetSize()), list(image.GetSpacing())
     direction = np.array(image.GetDirection(), float).reshape(image.GetDimension(), image.GetDimension())
@@ -349,7 +350,7 @@ def place_masks(masks, grid: sitk.Image, what: str = "the DICOM SEG") -> "Ordere
     """A mask set read from a SEG (on its own span of frames) put onto `grid` without resampling (highdicom
     `Volume.match_geometry`: axes permuted, flipped, padded, cropped); an SSAMError when that would cut foreground
     off or the grids do not share a lattice."""
-    hd = _highdicom()
+    hd = highdicom_module()
 
     placed: "OrderedDict[str, sitk.Image]" = OrderedDict()
     target = volume_geometry(grid)

@@ -49,8 +49,10 @@ def dicom_source_for(input_path, output_path):
 
     if output_suffix(output_path) != DICOM_SEG_SUFFIX:
         return None
+    from ..files.dicom_seg import highdicom_module
     from ..files.dicom_series import DicomSeries
 
+    highdicom_module()  # missing (e.g. in Slicer, beside its own pydicom 2): say so now, not after the inference
     return DicomSeries.of_input(input_path)
 
 

@@ -235,6 +235,10 @@ def test_cli_refuses_dicom_seg_of_a_non_dicom_input_before_any_work(adapter, tmp
     code = cli.main(["segment", "slice.dcm", "--label", "organ", "--adapter", str(adapter), "--format", "dicom-seg"])
     assert code == 2 and "is the input itself" in capsys.readouterr().err
     assert source.read_bytes() == b"DICOM stand-in"
+    # Without highdicom (as in a Slicer that bundles pydicom 2), a DICOM SEG request says so before any work.
+    monkeypatch.setitem(sys.modules, "highdicom", None)  # makes `import highdicom` fail
+    code = cli.main(["segment", str(tmp_path), "--label", "organ", "--adapter", str(adapter), "--output", "x.dcm"])
+    assert code == 2 and "needs the highdicom package" in capsys.readouterr().err
 
 
 @pytest.mark.data

@@ -331,8 +331,7 @@ def test_ssam_train_on_dicom_seg(data_dir, tmp_path):
 
     root = _seg_dataset(data_dir, tmp_path / "export")
     result = train(TrainingConfig(data=str(root), output=str(tmp_path / "dicom.adapter.safetensors"), base="test-vit",
-                                  image_size=64, epochs=1, batch_size=2, val_fraction=0.0, labels=["liver", "heart"],
-                                  max_steps=2))
+                                  image_size=64, steps=2, batch_size=2, val_fraction=0.0, labels=["liver", "heart"]))
     metadata = read_metadata(result.adapter_path)
     assert metadata["labels"] == ["liver", "heart"] and metadata["training"]["layout"] == "dicomseg"
 

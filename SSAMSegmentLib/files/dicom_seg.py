@@ -72,7 +72,9 @@ def algorithm_of(model) -> Algorithm:
 
 
 def _lo(text: str, length: int = 64) -> str:
-    """A DICOM LO value: at most 64 characters (the SEG is written in UTF-8, ISO_IR 192)."""
+    """A DICOM LO value: at most 64 characters (the SEG is written in UTF-8, ISO_IR 192), no backslash (DICOM's
+    value separator: "a\\b" would read back as two values)."""
+    text = text.replace("\\", "/")
     return text if len(text) <= length else text[: length - 3] + "..."
 
 

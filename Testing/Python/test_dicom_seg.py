@@ -366,6 +366,7 @@ def test_evaluate_takes_dicom_seg_predictions_and_references(data_dir, tmp_path)
     (tmp_path / "pred").mkdir()
     (tmp_path / "ref").mkdir()
     (tmp_path / "pred" / "case1.dcm").symlink_to(tmp_path / "prediction.dcm")
+    sitk.WriteImage(sitk.Image([8, 8], sitk.sitkUInt8), str(tmp_path / "pred" / "case1.png"))  # its preview
     (tmp_path / "ref" / "case1.nii.gz").symlink_to(tmp_path / "truth.nii.gz")
     (tmp_path / "ref" / "case1.json").symlink_to(tmp_path / "truth.json")
     report = evaluate(tmp_path / "pred", tmp_path / "ref")

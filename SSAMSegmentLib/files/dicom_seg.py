@@ -182,9 +182,12 @@ def referenced_instances(path) -> set:
     """The SOP Instance UIDs a SEG references (Referenced Series Sequence), from its header."""
     pydicom = pydicom_module()
 
-    header = pydicom.dcmread(str(path), stop_before_pixels=True)
+    return _references(pydicom.dcmread(str(path), stop_before_pixels=True))
+
+
+def _references(dataset) -> set:
     return {str(instance.ReferencedSOPInstanceUID)
-            for series in header.get("ReferencedSeriesSequence", [])
+            for series in dataset.get("ReferencedSeriesSequence", [])
             for instance in series.get("ReferencedInstanceSequence", [])}
 
 
@@ -276,7 +279,10 @@ def read_dicom_seg(path, grid: Optional[sitk.Image] = None,
     if str(seg.SegmentationType) not in ("BINARY", "FRACTIONAL", "LABELMAP"):
         raise SSAMError(f"{path.name} has segmentation type {seg.SegmentationType}; give a BINARY, FRACTIONAL or "
                         f"LABELMAP SEG")
-    if source is not None and grid is not None:
+    # By instance only when the SEG was made on these instances: highdicom would take frames of other instances
+    # for "missing", and a SEG of another series would read as empty masks instead of failing.
+    references = _references(seg)
+    if source is not None and grid is not None and references and references <= set(source.sop_instance_uids):
         try:
             arrays = seg.get_pixels_by_source_instance(
                 source.sop_instance_uids, segment_numbers=numbers, assert_missing_frames_are_empty=True,

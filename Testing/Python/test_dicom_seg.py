@@ -276,9 +276,11 @@ def test_overlapping_labels_keep_their_own_voxels(data_dir, tmp_path):
 def test_a_seg_of_another_series_does_not_fit(data_dir, tmp_path):
     folder, image, masks = _reference_masks(data_dir, "dcmqi")
     write_dicom_seg(tmp_path / "case.dcm", masks, DicomSeries.of_input(folder))
-    other = read_image(data_dir / "totalsegmentator-ct" / "example_ct_dicom")
-    with pytest.raises(SSAMError, match="does not lie on the image's grid|not a regular stack"):
-        read_dicom_seg(tmp_path / "case.dcm", grid=other)
+    other_folder = data_dir / "totalsegmentator-ct" / "example_ct_dicom"
+    other = read_image(other_folder)
+    for source in (None, DicomSeries.of_input(other_folder)):  # never empty masks for the wrong series
+        with pytest.raises(SSAMError, match="does not lie on the image's grid|not a regular stack"):
+            read_dicom_seg(tmp_path / "case.dcm", grid=other, source=source)
     (tmp_path / "junk.dcm").write_bytes(b"not dicom at all")
     with pytest.raises(SSAMError, match="cannot read .* as a DICOM SEG"):
         read_dicom_seg(tmp_path / "junk.dcm")

@@ -96,6 +96,10 @@ SETTINGS = "SSAMSegment"
 AXES = ["auto", "axial", "coronal", "sagittal"]
 DEVICES = {"auto": "auto", "CPU": "cpu", "GPU": "gpu"}
 TORCH_PACKAGES = ("torch", "torchvision")  # installed by the PyTorch extension, which picks the CUDA build
+# highdicom (DICOM SEG files) needs pydicom 3, and Slicer up to 5.10 bundles pydicom 2.4 for its own DICOM module
+# (Slicer issue #8796): installing highdicom there would replace Slicer's pydicom. It is left out while Slicer's
+# pydicom is older; Slicer exports segmentations as DICOM SEG itself (docs/slicer.md).
+NEEDS_PYDICOM_3 = ("highdicom",)
 
 
 #
@@ -569,8 +573,10 @@ class SSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.util.setSliceViewerLayers(background=context["volume"])
             names = [segmentation.GetSegmentation().GetSegment(i).GetName() for i in segmentIds.values()]
             untaught = task.result.get("untaught_labels", [])
+            warnings = task.result.get("warnings", [])
             self.setStatus(self.logic.segmentationMessage(names, segmentation.GetName(), emptyLabels, untaught,
-                                                          task.result.get("notes", [])), warning=bool(untaught))
+                                                          task.result.get("notes", []), warnings),
+                           warning=bool(warnings))
             logging.info(f"SSAM Segment: {summary}")
         elif task.kind == "training":
             adapterPath = task.result.get("adapter_path")
@@ -723,10 +729,23 @@ class SSAMSegmentLogic(ScriptedLoadableModuleLogic):
             with open(path, "rb") as handle:
                 requirements = list(tomllib.load(handle)["project"].get("dependencies", []))
         torch, other = [], []
+        old_pydicom = SSAMSegmentLogic._bundledPydicomIsOld()
         for requirement in requirements:
             name = re.split(r"[\s<>=!~;\[]", requirement.strip(), maxsplit=1)[0].lower()
+            if name in NEEDS_PYDICOM_3 and old_pydicom:
+                continue
             (torch if name in TORCH_PACKAGES else other).append(requirement)
         return torch, other
+
+    @staticmethod
+    def _bundledPydicomIsOld() -> bool:
+        """True when a pydicom older than 3 is installed (Slicer's own), which highdicom would replace."""
+        import importlib.metadata
+
+        try:
+            return int(importlib.metadata.version("pydicom").split(".")[0]) < 3
+        except (importlib.metadata.PackageNotFoundError, ValueError):
+            return False
 
     @staticmethod
     def torchVersionRequirement(torchRequirements) -> Optional[str]:
@@ -776,14 +795,16 @@ class SSAMSegmentLogic(ScriptedLoadableModuleLogic):
         return unique(split_labels(text))
 
     @staticmethod
-    def segmentationMessage(segmentNames, nodeName, emptyLabels, untaughtLabels, notes) -> str:
+    def segmentationMessage(segmentNames, nodeName, emptyLabels, untaughtLabels, notes=(), warnings=()) -> str:
         """The status line after a segmentation: what was added, the empty segments said as their label allows
-        (an untaught label's empty segment is "not found (untaught label)", never absent), then the mapping note
-        and the untaught-label warning with its fix."""
+        (an untaught label's empty segment is "not found (untaught label)", never absent), then the result's notes
+        (a name read as a trained label) and warnings (labels never taught, with the fix)."""
         from SSAMSegmentLib.model.labels import empty_report
 
         message = _("Added {segments} to {node}.").format(segments=", ".join(segmentNames), node=nodeName)
-        for part in empty_report(emptyLabels, untaughtLabels) + list(notes):
+        parts = empty_report(emptyLabels, untaughtLabels) + [f"note: {note}" for note in notes] + [
+            f"warning: {warning}" for warning in warnings]
+        for part in parts:
             message += f" {part[0].upper()}{part[1:]}."
         return message
 

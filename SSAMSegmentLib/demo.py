@@ -133,7 +133,7 @@ def _segment(model, image: Path, labels, folder: Path, stem: str):
 
     result = segment_file(model, image, labels, folder / f"{stem}.seg.nrrd", preview=folder / f"{stem}.preview.png")
     print(f"result       {result.summary()}")
-    for line in result.notes():
+    for line in [f"note: {note}" for note in result.notes] + [f"warning: {warning}" for warning in result.warnings]:
         print(f"             {line}")
     for path in result.outputs:
         print(f"wrote        {path.resolve()}")

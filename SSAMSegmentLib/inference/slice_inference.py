@@ -41,6 +41,10 @@ class SegmentationResult:
     label_status: "collections.OrderedDict[str, labels.LabelMatch]" = dataclasses.field(
         default_factory=collections.OrderedDict)
     trained_labels: List[str] = dataclasses.field(default_factory=list)  # the adapter's trained labels
+    # What the user should know besides the masks: a typed name read as a trained label, a DICOM source without UIDs
+    # (segment_files.py); and what makes a mask a guess: labels the model was never taught, with the fix.
+    notes: List[str] = dataclasses.field(default_factory=list)
+    warnings: List[str] = dataclasses.field(default_factory=list)
 
     @property
     def untaught_labels(self) -> List[str]:
@@ -62,10 +66,6 @@ class SegmentationResult:
         parts = [f"found {', '.join(found)}" if found else "no label found"]
         parts += labels.empty_report(self.empty_labels, self.untaught_labels)
         return "; ".join(parts) + f" [{self.slices} {self.axis} slices, {self.seconds:.1f} s]"
-
-    def notes(self) -> List[str]:
-        """Lines besides the summary: "note: ..." for mapped names, "warning: ..." for untaught labels and the fix."""
-        return labels.result_notes(list(self.label_status.values()), self.trained_labels)
 
 
 def _check_cancel(cancel):
@@ -135,7 +135,8 @@ def segment_image(model, image: sitk.Image, requested, axis: str = "auto", thres
     empty = [name for name, out in zip(names, outputs) if not out.any()]
     return SegmentationResult(masks, empty, geometry.axis, geometry.array_axis, mapping.describe(), total, skipped,
                               time.perf_counter() - start, collections.OrderedDict((m.name, m) for m in matches),
-                              trained)
+                              trained, [line for line in [labels.mapping_note(matches)] if line],
+                              [line for line in [labels.untaught_warning(matches, trained)] if line])
 
 
 def _copy_geometry(mask: sitk.Image, image: sitk.Image):

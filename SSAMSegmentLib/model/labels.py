@@ -178,13 +178,6 @@ def mapping_note(matches: Sequence[LabelMatch]) -> Optional[str]:
     return "; ".join(f"'{m.requested}' segmented as the trained label '{m.name}'" for m in mapped)
 
 
-def result_notes(matches: Sequence[LabelMatch], trained: Sequence[str]) -> List[str]:
-    """What a user must read besides a result's summary, each a line: "note: ..." for mapped names, "warning: ..."
-    for untaught labels (with the fix)."""
-    mapped, untaught = mapping_note(matches), untaught_warning(matches, trained)
-    return ([f"note: {mapped}"] if mapped else []) + ([f"warning: {untaught}"] if untaught else [])
-
-
 def empty_report(empty: Sequence[str], untaught: Sequence[str]) -> List[str]:
     """"absent (empty mask): spleen", "not found (untaught label): gland": the empty masks, each said as its label
     allows (an untaught label's empty mask is never called absent)."""

@@ -64,7 +64,7 @@ def test_segment_writes_a_segmentation_slicer_opens(adapter, tmp_path):
     assert run.returncode == 0, run.stderr
     assert f"wrote {out}" in run.stdout and "ct.png" in run.stdout
     assert _read_with_slicer(out) == ["organ", "vessel"]  # a plural is segmented as the trained label, and said so
-    assert f"ssam segment: note: {labels.mapping_note(labels.match_labels(['Vessels'], ['vessel']))}" in run.stderr
+    assert f"note: {labels.mapping_note(labels.match_labels(['Vessels'], ['vessel']))}" in run.stdout.splitlines()
     from SSAMSegmentLib.files.seg_nrrd import read_seg_nrrd
     from SSAMSegmentLib.files.image_io import same_geometry
 

@@ -75,9 +75,8 @@ def test_the_wording_checked_once():
                               "nucleus, gland): its mask is a guess")
     assert "`ssam train DATA --labels tumour --output tumour.adapter.safetensors`" in warning
     assert "Fine-tune" in warning and "\n" not in warning and "absent" not in warning
-    assert labels.result_notes(matches, TRAINED) == [f"note: {labels.mapping_note(matches)}", f"warning: {warning}"]
     assert labels.untaught_warning(match_labels(["liver", "kidneys"], TRAINED), TRAINED) is None
-    assert labels.result_notes(match_labels(["liver"], TRAINED), TRAINED) == []
+    assert labels.mapping_note(match_labels(["liver", "tumour"], TRAINED)) is None
 
 
 def test_the_fix_is_a_command_ssam_train_accepts():
@@ -118,7 +117,9 @@ def test_result_says_per_label_taught_mapped_or_untaught(model):
     assert status == {"organ": (labels.MAPPED, "Organs"), "vessel": (labels.TAUGHT, None),
                       "tumour": (labels.UNTAUGHT, None)}
     assert result.untaught_labels == ["tumour"] and result.trained_labels == ["organ", "vessel"]
-    assert result.notes() == labels.result_notes(list(result.label_status.values()), ["organ", "vessel"])
+    matches = list(result.label_status.values())
+    assert result.notes == [labels.mapping_note(matches)] == ["'Organs' segmented as the trained label 'organ'"]
+    assert result.warnings == [labels.untaught_warning(matches, ["organ", "vessel"])]
     # Mapped means segmented as the trained label: the same mask as typing the trained name.
     same = model.segment(_picture(), ["organ"])
     assert np.array_equal(*(sitk.GetArrayFromImage(r.masks["organ"]) for r in (result, same)))
@@ -131,7 +132,7 @@ def test_an_empty_untaught_label_is_not_found_never_absent(model):
     assert f"{labels.EMPTY_TAUGHT}: organ" in summary and f"{labels.EMPTY_UNTAUGHT}: tumour" in summary
     absent = [part for part in summary.split("; ") if "absent" in part]
     assert absent == [f"{labels.EMPTY_TAUGHT}: organ"]  # the taught label only
-    assert [line.split(":")[0] for line in result.notes()] == ["warning"]
+    assert result.notes == [] and len(result.warnings) == 1 and "'tumour'" in result.warnings[0]
 
 
 def test_a_looked_up_label_is_not_stored_as_trained(tmp_path):

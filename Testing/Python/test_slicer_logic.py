@@ -549,6 +549,17 @@ def test_dependency_list_comes_from_pyproject_with_torch_apart():
         "numpy>=999", "no-such-package-ssam>=1"]
 
 
+def test_highdicom_is_not_installed_over_slicers_own_pydicom(monkeypatch):
+    import importlib.metadata
+
+    real_version = importlib.metadata.version
+    assert any(r.startswith("highdicom") for r in Logic.pythonRequirements()[1])  # pydicom 3 here: installed
+    monkeypatch.setattr(importlib.metadata, "version",
+                        lambda name: "2.4.4" if name == "pydicom" else real_version(name))  # Slicer 5.8's pydicom
+    torch_requirements, others = Logic.pythonRequirements()
+    assert not any(r.startswith("highdicom") for r in others) and "numpy>=1.24" in others
+
+
 def test_label_text_and_adapter_names(tmp_path, monkeypatch):
     assert Logic.parseLabels(" liver, spleen;; kidney left\n") == ["liver", "spleen", "kidney left"]
     assert Logic.parseLabels("Liver, liver") == ["Liver"]  # the command line's rules (labels.py)
@@ -605,13 +616,14 @@ def test_logic_reports_mapped_and_untaught_labels(scene, organ_adapter):
     assert list(ids) == ["organ", "tumour"] and segment_names(segmentation) == ["organ", "tumour"]
     assert [(m.requested, m.status) for m in result.label_status.values()] == [("Organs", labels.MAPPED),
                                                                               ("tumour", labels.UNTAUGHT)]
-    notes = result.notes()
     matches = list(result.label_status.values())
-    assert notes == [f"note: {labels.mapping_note(matches)}", f"warning: {labels.untaught_warning(matches, ['organ'])}"]
-    message = Logic.segmentationMessage(["organ", "tumour"], "Seg", ["organ", "tumour"], result.untaught_labels, notes)
+    note, warning = labels.mapping_note(matches), labels.untaught_warning(matches, ["organ"])
+    assert (result.notes, result.warnings) == ([note], [warning])
+    message = Logic.segmentationMessage(["organ", "tumour"], "Seg", ["organ", "tumour"], result.untaught_labels,
+                                        result.notes, result.warnings)
     assert message == ("Added organ, tumour to Seg. Absent (empty mask): organ. Not found (untaught label): tumour. "
-                       f"Note: {labels.mapping_note(matches)}. Warning: {labels.untaught_warning(matches, ['organ'])}.")
-    assert Logic.segmentationMessage(["organ"], "Seg", [], [], []) == "Added organ to Seg."
+                       f"Note: {note}. Warning: {warning}.")
+    assert Logic.segmentationMessage(["organ"], "Seg", [], [], [], []) == "Added organ to Seg."
 
 
 def test_background_job_reports_untaught_labels(tmp_path, organ_adapter):
@@ -628,7 +640,8 @@ def test_background_job_reports_untaught_labels(tmp_path, organ_adapter):
     assert done["empty_labels"] == ["organ", "gland"] and done["untaught_labels"] == ["gland"]
     assert done["label_status"] == {"organ": labels.TAUGHT, "gland": labels.UNTAUGHT}
     assert f"{labels.EMPTY_UNTAUGHT}: gland" in done["summary"] and f"{labels.EMPTY_TAUGHT}: organ" in done["summary"]
-    assert done["notes"] == [f"warning: {labels.untaught_warning(labels.match_labels(['gland'], ['organ']), ['organ'])}"]
+    assert done["notes"] == []
+    assert done["warnings"] == [labels.untaught_warning(labels.match_labels(["gland"], ["organ"]), ["organ"])]
 
 
 def test_training_config_checks_the_folder(tmp_path):

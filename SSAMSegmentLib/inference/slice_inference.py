@@ -57,12 +57,12 @@ class SegmentationResult:
             if name in self.empty_labels:
                 continue
             match = self.label_status.get(name)
-            notes = [f"{int(np.count_nonzero(sitk.GetArrayViewFromImage(mask)))} voxels"]
+            details = [f"{int(np.count_nonzero(sitk.GetArrayViewFromImage(mask)))} voxels"]
             if match is not None and match.status == labels.MAPPED:
-                notes.insert(0, match.describe())
+                details.insert(0, match.describe())
             elif match is not None and match.status == labels.UNTAUGHT:
-                notes.append("untaught label: a guess")
-            found.append(f"{name} ({', '.join(notes)})")
+                details.append("untaught label: a guess")
+            found.append(f"{name} ({', '.join(details)})")
         parts = [f"found {', '.join(found)}" if found else "no label found"]
         parts += labels.empty_report(self.empty_labels, self.untaught_labels)
         return "; ".join(parts) + f" [{self.slices} {self.axis} slices, {self.seconds:.1f} s]"

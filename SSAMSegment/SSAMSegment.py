@@ -860,40 +860,42 @@ class SSAMSegmentLogic(ScriptedLoadableModuleLogic):
 
     # --- segmenting -------------------------------------------------------------------------------------------
 
-    def _model(self, adapter, base, device):
+    def _model(self, adapter, base, device, precision):
         import SSAMSegmentLib
 
-        key = (str(adapter), base, device)
+        key = (str(adapter), base, device, precision)
         if key not in self._models:
             self._models.clear()  # one model in memory at a time
-            self._models[key] = SSAMSegmentLib.load(base=base, adapter=adapter, device=device, merge=True)
+            self._models[key] = SSAMSegmentLib.load(base=base, adapter=adapter, device=device, merge=True,
+                                                    precision=precision)
         return self._models[key]
 
     def segment(self, volumeNode, labels, segmentationNode=None, adapter="default", axis="auto", device="auto",
-                replaceExisting=False, base=None, progress=None, cancel=None):
+                replaceExisting=False, base=None, progress=None, cancel=None, precision="auto"):
         """Segment `labels` in `volumeNode` here and now; return (segmentation node, {label: segment ID}, result).
 
         `progress(fraction, message)` and `cancel.is_set()` are passed to the model; a cancelled or failed run
-        leaves the scene as it was.
+        leaves the scene as it was. `precision`: "auto" (bf16 where the hardware computes it natively), "float32" or
+        "bf16" (SSAMSegmentLib.model.devices.PRECISIONS).
         """
         from SSAMSegmentLib.slicer.scene_nodes import image_from_volume_node
 
         image = image_from_volume_node(volumeNode)
-        result = self._model(adapter, base, device).segment(image, labels, axis=axis, progress=progress, cancel=cancel)
+        result = self._model(adapter, base, device, precision).segment(image, labels, axis=axis, progress=progress,
+                                                                       cancel=cancel)
         segmentation, segmentIds = self.writeMasks(result.masks, volumeNode, segmentationNode, replaceExisting, image)
         return segmentation, segmentIds, result
 
     def startSegmentation(self, volumeNode, labels, adapter="default", axis="auto", device="auto", base=None,
-                          python=None):
+                          python=None, precision="auto"):
         """Start segmenting in a background process; poll the task, then call `finishSegmentation`."""
         from SSAMSegmentLib.slicer import background_task
         from SSAMSegmentLib.slicer.scene_nodes import image_from_volume_node, volume_grid
 
         image = image_from_volume_node(volumeNode)
         task = background_task.start_segmentation(image, labels, adapter=adapter, base=base, device=device, axis=axis,
-                                                  python=python)
-        task.inputImage = image
-        task.inputGrid = volume_grid(volumeNode)
+                                                  precision=precision, python=python)
+        task.context.update(image=image, grid=volume_grid(volumeNode))
         return task
 
     def finishSegmentation(self, task, volumeNode, segmentationNode=None, replaceExisting=False):
@@ -905,12 +907,12 @@ class SSAMSegmentLogic(ScriptedLoadableModuleLogic):
         from SSAMSegmentLib.slicer import background_task
         from SSAMSegmentLib.slicer.scene_nodes import volume_grid
 
-        if volumeNode.GetScene() is None or (hasattr(task, "inputGrid") and volume_grid(volumeNode) != task.inputGrid):
+        if volumeNode.GetScene() is None or ("grid" in task.context and volume_grid(volumeNode) != task.context["grid"]):
             raise SSAMError(f"volume '{volumeNode.GetName()}' was changed or removed while it was being segmented; "
                             f"nothing was written, run the segmentation again")
         masks = background_task.segmentation_masks(task)
         segmentation, segmentIds = self.writeMasks(masks, volumeNode, segmentationNode, replaceExisting,
-                                                   getattr(task, "inputImage", None))
+                                                   task.context.get("image"))
         return segmentation, segmentIds, list(task.result.get("empty_labels", [])), task.result.get("summary", "")
 
     def writeMasks(self, masks, volumeNode, segmentationNode=None, replaceExisting=False, image=None):

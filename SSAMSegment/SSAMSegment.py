@@ -466,7 +466,7 @@ class SSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onDownloadWeights(self) -> None:
         if self._running() or not self.ensureDependencies():
             return
-        if self.ensureWeights(["sam_vit_b"], None):
+        if self.ensureWeights(self.logic.baseWeights("sam_vit_b"), None):
             self.setStatus(_("SAM ViT-B weights are already in {folder}.").format(folder=self.logic.cacheFolder()))
 
     # --- segmenting -------------------------------------------------------------------------------------------
@@ -618,8 +618,8 @@ class SSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         if self._running() or not self.ensureDependencies():
             return
-        base = "sam_vit_b" if self.ui.trainingBaseComboBox.currentIndex == 1 else "litemedsam"
-        if not self.ensureWeights(["sam_vit_b"] if base == "sam_vit_b" else [], self.onTrainButton):
+        base = SSAMSegmentLogic.TRAINING_BASES[self.ui.trainingBaseComboBox.currentIndex]
+        if not self.ensureWeights(self.logic.baseWeights(base), self.onTrainButton):
             return
         labels = SSAMSegmentLogic.parseLabels(self.ui.trainingLabelsLineEdit.text) or None
         try:
@@ -697,6 +697,9 @@ class SSAMSegmentLogic(ScriptedLoadableModuleLogic):
     """
 
     DEFAULT_ADAPTER = "default"
+    # The bases offered for training, in the order of the panel's choices (Resources/UI/SSAMSegment.ui); their
+    # facts (weights, names) are the library's (SSAMSegmentLib/model/bases.py).
+    TRAINING_BASES = ("litemedsam", "sam_vit_b")
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
@@ -833,18 +836,27 @@ class SSAMSegmentLogic(ScriptedLoadableModuleLogic):
             base = self.adapterInfo(path)["base"]
         except Exception:
             return name
-        return f"{name} ({'SAM ViT-B' if base == 'sam_vit_b' else 'LiteMedSAM' if base == 'litemedsam' else base})"
+        try:  # the base's short name is the library's (it needs PyTorch; without it the id is shown)
+            from SSAMSegmentLib.model.bases import get_base
+
+            base = get_base(base).display_name
+        except Exception:
+            pass
+        return f"{name} ({base})"
 
     def weightsNeeded(self, adapter, labels) -> List[str]:
         """Ids of the downloadable weight files segmenting `labels` with `adapter` needs (present or not)."""
-        from SSAMSegmentLib.model.text_encoders import label_key
+        from SSAMSegmentLib.model.loading import required_weights
 
         info = self.adapterInfo(adapter)
-        needed = ["sam_vit_b"] if info["base"] == "sam_vit_b" else []
-        known = {label_key(name) for name in info["labels"]}
-        if info["text_encoder"] == "clip-vit-b-32" and any(label_key(label) not in known for label in labels):
-            needed.append("clip-vit-b-32")
-        return needed
+        return required_weights(info["base"], info["text_encoder"], labels, info["labels"])
+
+    @staticmethod
+    def baseWeights(base) -> List[str]:
+        """Ids of the downloadable weight files training on `base` needs (present or not)."""
+        from SSAMSegmentLib.model.loading import required_weights
+
+        return required_weights(base)
 
     @staticmethod
     def missingWeights(weightIds) -> list:
@@ -962,9 +974,13 @@ class SSAMSegmentLogic(ScriptedLoadableModuleLogic):
         return [case for case in cases if case[2]]
 
     @staticmethod
-    def trainingConfig(output, folder=None, base="litemedsam", labels=None, epochs=20, device="auto", **extra) -> dict:
-        """TrainingConfig fields as a plain dict (it travels to the background process as JSON)."""
+    def trainingConfig(output, folder=None, base=None, labels=None, epochs=20, device="auto", **extra) -> dict:
+        """TrainingConfig fields as a plain dict (it travels to the background process as JSON); base None: the
+        library's default base."""
         from SSAMSegmentLib import SSAMError
+        from SSAMSegmentLib.model.loading import DEFAULT_BASE
+
+        base = base or DEFAULT_BASE
 
         if folder is not None and (not str(folder).strip() or not Path(folder).is_dir()):
             raise SSAMError(f"dataset folder '{folder}' does not exist; choose the folder with the training images")
@@ -975,7 +991,7 @@ class SSAMSegmentLogic(ScriptedLoadableModuleLogic):
         config.update(extra)
         return config
 
-    def train(self, output, folder=None, pairs=None, base="litemedsam", labels=None, epochs=20, device="auto",
+    def train(self, output, folder=None, pairs=None, base=None, labels=None, epochs=20, device="auto",
               progress=None, cancel=None, **extra):
         """Train an adapter here and now from a dataset folder or scene pairs; return the TrainingResult."""
         import SSAMSegmentLib
@@ -986,7 +1002,7 @@ class SSAMSegmentLogic(ScriptedLoadableModuleLogic):
             config["data"] = datasets.memory_dataset(self.trainingCases(pairs, labels))
         return SSAMSegmentLib.train(SSAMSegmentLib.TrainingConfig(**config), progress=progress, cancel=cancel)
 
-    def startTraining(self, output, folder=None, pairs=None, base="litemedsam", labels=None, epochs=20,
+    def startTraining(self, output, folder=None, pairs=None, base=None, labels=None, epochs=20,
                       device="auto", python=None, **extra):
         """Train in a background process; the task's events include 'training' rows (epoch, loss, Dice...)."""
         from SSAMSegmentLib.slicer import background_task

@@ -26,6 +26,22 @@ def resolve_adapter(adapter):
     return Path(adapter).expanduser()
 
 
+def required_weights(base=None, text_encoder=None, labels=(), known_labels=()):
+    """Ids (weights.WEIGHT_FILES) of the downloadable weight files a model needs, present or not: the base's own,
+    and the text encoder's when some of `labels` has no cached embedding among `known_labels` (an adapter's)."""
+    from .text_encoders import label_key
+
+    needed = []
+    base_file = get_base(base or DEFAULT_BASE).weight_file
+    if base_file:
+        needed.append(base_file)
+    text_file = get_text_encoder_spec(text_encoder or DEFAULT_TEXT_ENCODER).weight_file
+    known = {label_key(name) for name in known_labels}
+    if text_file and any(label_key(label) not in known for label in labels):
+        needed.append(text_file)
+    return needed
+
+
 def _agree(what, asked, from_adapter, adapter_path):
     if asked is not None and from_adapter is not None and asked != from_adapter:
         raise SSAMError(

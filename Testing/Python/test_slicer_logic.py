@@ -580,6 +580,8 @@ def test_weights_needed_follow_the_adapter(tmp_path, monkeypatch):
                                                                "labels": ["liver"]})
     assert logic.weightsNeeded("x", ["Liver"]) == ["sam_vit_b"]
     assert logic.weightsNeeded("x", ["liver", "spleen"]) == ["sam_vit_b", "clip-vit-b-32"]
+    assert Logic.baseWeights("sam_vit_b") == ["sam_vit_b"] and Logic.baseWeights("litemedsam") == []
+    assert [Logic.baseWeights(base) for base in Logic.TRAINING_BASES] == [[], ["sam_vit_b"]]
     monkeypatch.setenv("SSAM_CACHE_DIR", str(tmp_path))
     assert [w.id for w in Logic.missingWeights(["sam_vit_b"])] == ["sam_vit_b"]
 

@@ -6,6 +6,7 @@ from ..files.atomic_file import check_writable
 from ..errors import SSAMError
 from ..files.image_io import read_image, strip_image_suffix
 from .slice_inference import segment_image
+from .sparse_slices import DEFAULT_PROBE_MM
 
 def default_output(input_path, folder=".") -> Path:
     return Path(folder) / f"{strip_image_suffix(Path(input_path).name.rstrip('/')) or 'segmentation'}.seg.nrrd"
@@ -22,12 +23,12 @@ def check_output_path(path) -> Path:
 
 
 def segment_file(model, input_path, labels, output_path=None, axis="auto", preview=None, threshold=0.5,
-                 intensity="auto", window=None, progress=None, cancel=None):
+                 intensity="auto", window=None, progress=None, cancel=None, probe_mm=DEFAULT_PROBE_MM):
     """Read `input_path`, segment `labels`, write `output_path` (.seg.nrrd or a label map) and an optional PNG preview.
 
     Outputs are checked before any work and written only once the whole result exists, each atomically: a bad input,
     Ctrl-C or a full disk leaves no partial file and any earlier file untouched. Returns the SegmentationResult with
-    `.outputs`, the written paths.
+    `.outputs`, the written paths. probe_mm: see sparse_slices.py; None encodes every slice.
     """
     from ..files.writers import write_outputs
 
@@ -38,7 +39,7 @@ def segment_file(model, input_path, labels, output_path=None, axis="auto", previ
             raise SSAMError(f"preview {preview} must be a .png file")
     image = read_image(input_path)
     result = segment_image(model, image, labels, axis=axis, threshold=threshold, intensity=intensity, window=window,
-                           progress=progress, cancel=cancel)
+                           progress=progress, cancel=cancel, probe_mm=probe_mm)
     result.outputs = write_outputs(output_path, image, result.masks, preview_path=preview,
                                    array_axis=result.array_axis)
     return result

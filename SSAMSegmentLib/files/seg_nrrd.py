@@ -292,7 +292,7 @@ def write_seg_nrrd(path, masks, colors: Optional[Dict[str, Color]] = None, compr
             handle.write(("\n".join(header) + "\n\n").encode("utf-8"))
             # NRRD's "gzip" encoding is a gzip stream of the raw voxels, fastest axis first (numpy C order here).
             with gzip.GzipFile(fileobj=handle, mode="wb", compresslevel=compression_level, mtime=0) as stream:
-                stream.write(np.ascontiguousarray(data).tobytes())
+                stream.write(memoryview(np.ascontiguousarray(data)).cast("B"))  # no bytes copy of the volume
     return Path(path)
 
 

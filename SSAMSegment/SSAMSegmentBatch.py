@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--axis", choices=AXES, default="auto", help="slice axis (default: auto)")
     # Checked by SSAMSegmentLib.load (its PRECISIONS), which the parser cannot import before the packages are there.
     parser.add_argument("--precision", default="auto",
-                        help="auto (default): bf16 where the hardware computes it natively; float32 forces full precision")
+                        help="auto (default): bf16 where the hardware computes it natively; float32 forces it off")
     return parser
 
 

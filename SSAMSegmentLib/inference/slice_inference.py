@@ -50,7 +50,8 @@ class SegmentationResult:
         if self.empty_labels:
             parts.append(f"absent (empty mask): {', '.join(self.empty_labels)}")
         encoded = f" ({self.slices - self.skipped_slices} encoded)" if self.skipped_slices else ""
-        return "; ".join(parts) + f" [{self.slices} {self.axis} slices{encoded}, {self.precision}, {self.seconds:.1f} s]"
+        details = f"{self.slices} {self.axis} slices{encoded}, {self.precision}, {self.seconds:.1f} s"
+        return "; ".join(parts) + f" [{details}]"
 
 
 def unique_labels(labels) -> List[str]:

@@ -9,7 +9,7 @@ import torch
 from ..errors import SSAMError
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
-# Inference precision: "auto" picks bf16 where the hardware computes it natively (docs/design.md, performance facts),
+# Inference precision: "auto" picks bf16 where the hardware computes it natively (docs/design.md, section 3),
 # float32 forces full precision everywhere; the effective choice is "float32", "bf16" or "fp16".
 PRECISIONS = ("auto", "float32", "bf16")
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}

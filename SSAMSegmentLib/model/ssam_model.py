@@ -94,7 +94,7 @@ class SSAM(nn.Module):
         self.requested_precision = str(precision).strip().lower()
         return self
 
-    # --- the trainable set (DESIGN section 1) ---------------------------------------------------------------------
+    # --- the trainable set (docs/design.md, section 1) ----------------------------------------------------------
 
     def _trainable_items(self):
         """(group, parameter) for every trained tensor: a and b of each tuned matrix; the encoder's norm layers

@@ -61,7 +61,7 @@ def _resize(rgb: np.ndarray, label_masks: Sequence[np.ndarray], image_size: int,
     image[:, :h, :w] = resized[0].round().clamp(0, 255).to(torch.uint8)
     stacked = torch.from_numpy(np.stack([np.ascontiguousarray(m) for m in label_masks]).astype(np.float32))[None]
     masks = torch.zeros(len(label_masks), image_size, image_size, dtype=torch.uint8)
-    # Masks are resized like the image, then thresholded at 0.5 (DESIGN section 1).
+    # Masks are resized like the image, then thresholded at 0.5 (docs/design.md, section 1).
     masks[:, :h, :w] = (F.interpolate(stacked, size=(h, w), mode="bilinear", align_corners=False)[0] > 0.5)
     return image.numpy(), masks.numpy(), (h, w)
 

@@ -162,6 +162,7 @@ class SSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._taskContext = {}
         self._afterDownload = None
         self._knownLabels = []
+        self._scenePairs = []  # (image, segmentation) pairs listed for training from the scene
 
     # --- set-up -----------------------------------------------------------------------------------------------
 
@@ -630,7 +631,7 @@ class SSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                                 device=DEVICES.get(self.ui.deviceComboBox.currentText, "auto"))
             else:
                 listWidget = self.ui.trainingPairsListWidget
-                pairs = [pair for row, pair in enumerate(getattr(self, "_scenePairs", []))
+                pairs = [pair for row, pair in enumerate(self._scenePairs)
                          if listWidget.item(row).checkState() == qt.Qt.Checked]
                 with slicer.util.WaitCursor():
                     task = self.logic.startTraining(output, pairs=pairs, base=base, labels=labels,

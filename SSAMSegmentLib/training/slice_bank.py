@@ -77,7 +77,7 @@ def build_slice_bank(cases, label_names, image_size: int, axis: str = "auto", pr
             raise Cancelled("training cancelled while preparing slices; nothing was written")
         image, case_masks = case.load()
         case_masks = {name: case_masks[name] for name in label_names}
-        annotated = getattr(case, "annotated", None)
+        annotated = case.annotated
         case_scored = [annotated is None or name in annotated for name in label_names]
         for rgb, label_masks, spacing in _case_slices(image, case_masks, axis):
             resized_image, resized_masks, content = _resize(rgb, label_masks, image_size, spacing)

@@ -158,8 +158,8 @@ def _segment_batch(model, batch, tokens, geometry, targets, spacing, logit_thres
     pixels = torch.from_numpy(np.stack([rgb for _, rgb in batch])).permute(0, 3, 1, 2).to(device)
     inputs, content = to_model_input(pixels, model.image_size, model.pixel_mean, model.pixel_std, spacing)
     count, labels = len(batch), tokens.shape[0]
-    # On a CPU only the encoder runs in bf16 (its fast copy wraps itself, fast_encoder.py): the decoder in bf16 too
-    # lost agreement with float32 (spleen Dice 0.94 on one 512 x 512 CT slice, benchmarks/bench_volume.py).
+    # On a CPU only the encoder runs in bf16 (its fast copy wraps itself, fast_encoder.py), as measured in
+    # docs/benchmarks.md; the decoder, a small share of the time, stays float32.
     with autocast(device, precision if device.type != "cpu" else "float32"):
         embeddings = model.encode_images(inputs)
         # Every label of a slice shares that slice's embedding: (B*N) decoder inputs, no re-encoding.

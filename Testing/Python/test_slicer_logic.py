@@ -657,7 +657,7 @@ def test_nothing_is_written_when_the_scene_changed_during_the_run(scene):
 
     logic = Logic()
     volume = phantom(scene)
-    started = types.SimpleNamespace(inputGrid=slicer_nodes.volume_grid(volume))
+    started = types.SimpleNamespace(context={"grid": slicer_nodes.volume_grid(volume)})
     volume.SetSpacing(2.0, 2.0, 2.0)
     with pytest.raises(SSAMError, match="was changed or removed while it was being segmented"):
         logic.finishSegmentation(started, volume)

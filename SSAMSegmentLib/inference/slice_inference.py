@@ -42,6 +42,7 @@ class SegmentationResult:
     seconds: float
     precision: str = "float32"  # what the model ran in (devices.inference_precision)
     outputs: List = dataclasses.field(default_factory=list)  # paths written from this result (segment_files.py)
+    notes: List[str] = dataclasses.field(default_factory=list)  # what the user should know about the outputs
 
     def summary(self) -> str:
         found = [f"{name} ({int(np.count_nonzero(sitk.GetArrayViewFromImage(mask)))} voxels)"

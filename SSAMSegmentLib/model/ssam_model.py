@@ -51,6 +51,7 @@ class SSAM(nn.Module):
         self.merged = False
         self.singular_values_frozen = False  # norms-only tuning: a and b fixed (freeze_singular_values)
         self.adapter_metadata = None  # the loaded adapter's header (adapter.py), None for an untrained model
+        self.adapter_path = None  # the loaded adapter's file: what a DICOM SEG names (and hashes) as the algorithm's
         self.requested_precision = "auto"  # inference precision as asked (devices.PRECISIONS); see `precision`
         self._fast_encoder = FastEncoderSlot()  # inference-only copy of the merged encoder; not part of the model
         for parameter in self.parameters():

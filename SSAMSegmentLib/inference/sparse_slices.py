@@ -9,7 +9,8 @@ structure that shows on some slice also shows on every slice up to the nearest p
 `probe_mm` along the axis and lies wholly between two probes. Organs are much longer than the default 10 mm
 (liver, spleen, kidneys: 50-200 mm); segmenting something smaller, or wanting the model's answer on every slice, is
 what `probe_mm=None` (`ssam segment --every-slice`) is for. Encoded slices get exactly the masks a dense pass gives
-(Testing/Python/test_sparse_slices.py checks it on the real CT), skipped ones the empty mask.
+(the same computation; Testing/Python/test_sparse_slices.py compares the two passes on the real CT), skipped ones the
+empty mask.
 """
 
 from typing import Iterator, List, Optional, Set

@@ -76,9 +76,15 @@ def test_segment_to_a_label_map_and_absent_labels(adapter, tmp_path):
     _volume(tmp_path / "ct.nrrd")
     out = tmp_path / "ct_labels.nii.gz"
     run = ssam("segment", tmp_path / "ct.nrrd", "--label", "organ", "--adapter", adapter, "--output", out,
-               "--threshold", "0.999999")
+               "--threshold", "0.999999", "--precision", "float32")
     assert run.returncode == 0, run.stderr
     assert "absent (empty mask): organ" in run.stdout  # an absent label is a valid answer, said plainly
+    assert "float32" in run.stdout  # the precision that ran is said
+    # Nothing found on the probes: only they were encoded (the summary says how many).
+    assert "slices (" in run.stdout and "encoded)" in run.stdout
+    bad = ssam("segment", tmp_path / "ct.nrrd", "--label", "organ", "--adapter", adapter, "--output",
+               tmp_path / "other.nii.gz", "--precision", "fp8")
+    assert bad.returncode == 2 and not (tmp_path / "other.nii.gz").exists()
     labels = sitk.ReadImage(str(out))
     assert labels.GetSize() == (40, 48, 8)
     assert (tmp_path / "ct_labels.json").is_file()

@@ -57,18 +57,18 @@ def test_work_saved_and_limits():
 @pytest.mark.slow
 @pytest.mark.data
 def test_sparse_pass_gives_the_dense_masks_on_the_real_ct(data_dir):
-    """The shipped adapter on the real CT's upper abdomen, where liver and spleen end: the same masks as encoding
-    every slice, from fewer encoded slices."""
+    """The shipped adapter on the upper half of the real CT (upper abdomen to lower chest), labels that are local
+    there: the same masks as encoding every slice, from fewer encoded slices. (Liver and spleen are not used: this
+    adapter's masks of them reach nearly every slice of this CT, so nothing could be skipped; docs/benchmarks.md.)"""
     ct = sitk.ReadImage(str(data_dir / "totalsegmentator-ct" / "example_ct.nii.gz"))
-    part = ct[:, :, 70:112]  # 42 slices of 3 mm: the top of liver and spleen, then the lower chest
+    part = ct[:, :, 56:112]  # 56 slices of 3 mm
     model = SSAMSegmentLib.load(adapter="default", device="cpu", merge=True)
-    labels = ["liver", "spleen", "kidney"]
+    labels = ["kidney", "lung"]
     dense = segment_image(model, part, labels, axis="axial", probe_mm=None)
     sparse = segment_image(model, part, labels, axis="axial")
-    assert sparse.skipped_slices > dense.skipped_slices, "the sparse pass skipped slices"
-    found = 0
+    assert sparse.skipped_slices > dense.skipped_slices, "nothing was skipped: the comparison would prove nothing"
     for label in labels:
-        expected = sitk.GetArrayViewFromImage(dense.masks[label])
-        found += int(expected.any())
-        np.testing.assert_array_equal(sitk.GetArrayViewFromImage(sparse.masks[label]), expected, err_msg=label)
-    assert found >= 2, "the window holds some of the structures, or the test proves nothing"
+        np.testing.assert_array_equal(sitk.GetArrayViewFromImage(sparse.masks[label]),
+                                      sitk.GetArrayViewFromImage(dense.masks[label]), err_msg=label)
+    assert any(sitk.GetArrayViewFromImage(dense.masks[label]).any() for label in labels), \
+        "some label is found, or the masks compared are all empty"

@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--adapter", default="default", help="adapter file (default: the adapter shipped with SSAM Segment)")
     parser.add_argument("--device", default="auto", help="auto (default), cpu, gpu, cuda, cuda:N or mps")
     parser.add_argument("--axis", choices=AXES, default="auto", help="slice axis (default: auto)")
+    # Checked by SSAMSegmentLib.load (its PRECISIONS), which the parser cannot import before the packages are there.
+    parser.add_argument("--precision", default="auto",
+                        help="auto (default): bf16 where the hardware computes it natively; float32 forces it off")
     parser.add_argument("--dicom-seg", action="store_true",
                         help="write a DICOM SEG (.dcm) for each DICOM input instead of a .seg.nrrd")
     return parser
@@ -137,7 +140,8 @@ def run(argv) -> int:
             except SSAMError as error:
                 raise UsageError(str(error)) from None
         try:
-            model = SSAMSegmentLib.load(adapter=args.adapter, device=device_name(args.device), merge=True)
+            model = SSAMSegmentLib.load(adapter=args.adapter, device=device_name(args.device), merge=True,
+                                        precision=args.precision)
         except SSAMError as error:
             raise UsageError(str(error)) from None
         try:
@@ -152,7 +156,7 @@ def run(argv) -> int:
         return int(done.code or 0)
 
     print(f"SSAM Segment: {len(inputs)} case(s), labels {', '.join(labels)}, model {model.spec.id}, "
-          f"device {model.device}", flush=True)
+          f"device {model.device}, precision {model.precision}", flush=True)
     failed, said = [], set()
     for item, output in zip(inputs, outputs):
         start = time.perf_counter()

@@ -13,7 +13,7 @@ import sys
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from . import __version__
-from .model.devices import DEVICE_CHOICES
+from .model.devices import DEVICE_CHOICES, PRECISIONS
 from .errors import SSAMError
 
 
@@ -106,17 +106,18 @@ def _parse_window(text):
 def _segment(args) -> int:
     from .model.loading import load
     from .inference.segment_files import check_output_path, dicom_source_for, resolve_output, segment_file
+    from .inference.sparse_slices import DEFAULT_PROBE_MM
 
     output = check_output_path(resolve_output(args.input, args.output, args.format))
     dicom_source = dicom_source_for(args.input, output)  # a DICOM SEG of a non-DICOM input fails here, before work
-    if args.precision == "bf16":
-        os.environ["SSAM_CPU_BF16"] = "1"  # read when the fast encoder is built (fast_encoder.py)
-    model = load(base=args.base, adapter=args.adapter or "default", device=args.device, merge=True)
+    model = load(base=args.base, adapter=args.adapter or "default", device=args.device, merge=True,
+                 precision=args.precision)
     update, close = _progress_bar("segmenting")
     try:
         result = segment_file(model, args.input, args.label, output, axis=args.axis, preview=args.preview,
                               threshold=args.threshold, intensity=args.intensity, window=_parse_window(args.window),
-                              progress=update, dicom_source=dicom_source)
+                              progress=update, dicom_source=dicom_source,
+                              probe_mm=None if args.every_slice else DEFAULT_PROBE_MM)
     finally:
         close()
     print(result.summary())
@@ -181,9 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--intensity", choices=INTENSITY_MODES, default="auto", help="intensity normalisation")
     segment.add_argument("--window", help="CT window as LEVEL,WIDTH in HU (e.g. 40,400)")
     segment.add_argument("--preview", help="also write a PNG montage of the slices with most foreground")
-    segment.add_argument("--precision", choices=("float32", "bf16"), default="float32",
-                         help="bf16: 1.3-2.4x faster on CPUs with native bfloat16, masks differ slightly "
-                              "(Dice ~0.95-0.99 against float32)")
+    segment.add_argument("--precision", choices=PRECISIONS, default="auto",
+                         help="auto (default): bf16 where the CPU or GPU computes it natively, else float32; "
+                              "float32 forces full precision (the summary line says which ran)")
+    segment.add_argument("--every-slice", action="store_true",
+                         help="encode every slice; by default slices between two empty probes 10 mm apart are "
+                              "left empty (structures shorter than that along the slice axis may be missed)")
     segment.set_defaults(run=_segment)
 
     evaluate = commands.add_parser("evaluate", help="Dice, IoU and HD95 of predictions against references")

@@ -177,7 +177,8 @@ def _number(value: float) -> str:
 
 
 def _assign_layers(arrays: List[np.ndarray]) -> List[Tuple[int, int]]:
-    """(layer, label value) per segment: each segment goes to the first layer where it overlaps nothing.
+    """(layer, label value) per segment (arrays: uint8 0/1, as mask_array gives): each segment goes to the first
+    layer where it overlaps nothing.
 
     Empty segments join layer 0. A layer holds at most 255 segments (uint8 label values).
     """
@@ -185,7 +186,7 @@ def _assign_layers(arrays: List[np.ndarray]) -> List[Tuple[int, int]]:
     counts: List[int] = []
     result = []
     for array in arrays:
-        foreground = array.astype(bool, copy=False)
+        foreground = array.view(bool)  # mask_array's 0/1 uint8: the same bytes, no copy
         has_foreground = bool(foreground.any())
         for layer in range(len(occupied)):
             if counts[layer] >= 255:
@@ -197,7 +198,10 @@ def _assign_layers(arrays: List[np.ndarray]) -> List[Tuple[int, int]]:
             counts.append(0)
             layer = len(occupied) - 1
         if has_foreground:
-            occupied[layer] = foreground.copy() if occupied[layer] is None else (occupied[layer] | foreground)
+            if occupied[layer] is None:
+                occupied[layer] = foreground.copy()
+            else:
+                occupied[layer] |= foreground  # in place: one union array per layer
         counts[layer] += 1
         result.append((layer, counts[layer]))
     return result
@@ -235,11 +239,11 @@ def write_seg_nrrd(path, masks, colors: Optional[Dict[str, Color]] = None, compr
     if layer_count == 1:
         data = np.zeros(shape_zyx, dtype=np.uint8)
         for array, (_, value) in zip(arrays, layers):
-            data[array.astype(bool, copy=False)] = value
+            data[array.view(bool)] = value
     else:
         data = np.zeros(shape_zyx + (layer_count,), dtype=np.uint8)  # list axis fastest in memory = first in NRRD
         for array, (layer, value) in zip(arrays, layers):
-            data[..., layer][array.astype(bool, copy=False)] = value
+            data[..., layer][array.view(bool)] = value
 
     directions = " ".join(
         "(" + ",".join(_number(direction[row, axis] * spacing[axis]) for row in range(3)) + ")" for axis in range(3)
@@ -292,7 +296,7 @@ def write_seg_nrrd(path, masks, colors: Optional[Dict[str, Color]] = None, compr
             handle.write(("\n".join(header) + "\n\n").encode("utf-8"))
             # NRRD's "gzip" encoding is a gzip stream of the raw voxels, fastest axis first (numpy C order here).
             with gzip.GzipFile(fileobj=handle, mode="wb", compresslevel=compression_level, mtime=0) as stream:
-                stream.write(np.ascontiguousarray(data).tobytes())
+                stream.write(memoryview(np.ascontiguousarray(data)).cast("B"))  # no bytes copy of the volume
     return Path(path)
 
 

@@ -78,7 +78,7 @@ def test_segment_to_a_label_map_absent_and_untaught_labels(adapter, tmp_path):
     _volume(tmp_path / "ct.nrrd")
     out = tmp_path / "ct_labels.nii.gz"
     run = ssam("segment", tmp_path / "ct.nrrd", "--label", "organ,tumour", "--adapter", adapter, "--output", out,
-               "--threshold", "0.999999")
+               "--threshold", "0.999999", "--precision", "float32")
     assert run.returncode == 0, run.stderr
     # An empty taught label is a valid answer, said plainly; an untaught one is never called absent, and the user is
     # told why and how to fix it (wording: test_labels.py).
@@ -86,6 +86,12 @@ def test_segment_to_a_label_map_absent_and_untaught_labels(adapter, tmp_path):
     matches = labels.match_labels(["organ", "tumour"], ["organ", "vessel"])
     said = [line for line in run.stderr.splitlines() if line.startswith("ssam segment:")]  # not the progress lines
     assert said == [f"ssam segment: warning: {labels.untaught_warning(matches, ['organ', 'vessel'])}"]
+    assert "float32" in run.stdout  # the precision that ran is said
+    # Nothing found on the probes: only they were encoded (the summary says how many).
+    assert "slices (" in run.stdout and "encoded)" in run.stdout
+    bad = ssam("segment", tmp_path / "ct.nrrd", "--label", "organ", "--adapter", adapter, "--output",
+               tmp_path / "other.nii.gz", "--precision", "fp8")
+    assert bad.returncode == 2 and not (tmp_path / "other.nii.gz").exists()
     assert sitk.ReadImage(str(out)).GetSize() == (40, 48, 8)
     assert (tmp_path / "ct_labels.json").is_file()
 

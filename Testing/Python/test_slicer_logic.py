@@ -593,6 +593,8 @@ def test_weights_needed_follow_the_adapter(tmp_path, monkeypatch):
     assert logic.weightsNeeded("x", ["Liver"]) == ["sam_vit_b"]
     assert logic.weightsNeeded("x", ["livers"]) == ["sam_vit_b"]  # mapped to the trained label: no text encoder
     assert logic.weightsNeeded("x", ["liver", "spleen"]) == ["sam_vit_b", "clip-vit-b-32"]
+    assert Logic.baseWeights("sam_vit_b") == ["sam_vit_b"] and Logic.baseWeights("litemedsam") == []
+    assert [Logic.baseWeights(base) for base in Logic.TRAINING_BASES] == [[], ["sam_vit_b"]]
     monkeypatch.setenv("SSAM_CACHE_DIR", str(tmp_path))
     assert [w.id for w in Logic.missingWeights(["sam_vit_b"])] == ["sam_vit_b"]
 
@@ -715,7 +717,7 @@ def test_nothing_is_written_when_the_scene_changed_during_the_run(scene):
 
     logic = Logic()
     volume = phantom(scene)
-    started = types.SimpleNamespace(inputGrid=slicer_nodes.volume_grid(volume))
+    started = types.SimpleNamespace(context={"grid": slicer_nodes.volume_grid(volume)})
     volume.SetSpacing(2.0, 2.0, 2.0)
     with pytest.raises(SSAMError, match="was changed or removed while it was being segmented"):
         logic.finishSegmentation(started, volume)

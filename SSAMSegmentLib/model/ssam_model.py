@@ -6,7 +6,7 @@ embedding to the working resolution, and adds the Text Affine Layer that turns a
 """
 
 from collections import OrderedDict
-from typing import Dict, List, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +48,7 @@ class SSAM(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(spec.pixel_mean), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(spec.pixel_std), persistent=False)
         self.merged = False
+        self.keep_largest: List[str] = []  # labels that are one connected organ (saved in the adapter)
         self._fast_encoder = FastEncoderSlot()  # inference-only copy of the merged encoder; not part of the model
         for parameter in self.parameters():
             parameter.requires_grad_(False)
@@ -176,20 +177,44 @@ class SSAM(nn.Module):
                 return fast(images)
         return self.image_encoder(images)
 
-    def decode(self, image_embeddings: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """Mask logits (N, 1, h, w) for N prompt tokens, over N image embeddings or one shared by all tokens."""
-        count = tokens.shape[0]
-        dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(
-            count, -1, *self.prompt_encoder.image_embedding_size
-        )
-        logits, _ = self.mask_decoder(
+    def decode(self, image_embeddings: torch.Tensor, tokens: Optional[torch.Tensor] = None,
+               boxes: Optional[torch.Tensor] = None, points: Optional[torch.Tensor] = None,
+               point_labels: Optional[torch.Tensor] = None, with_quality: bool = False):
+        """Mask logits (N, 1, h, w) for N prompts, over N image embeddings or one shared by all prompts.
+
+        The one place any prompt reaches the mask decoder. A prompt is any mix of: `tokens` (N, k, 256) text tokens
+        (prompt_tokens), `boxes` (N, 4) as x0, y0, x1, y1 and `points` (N, P, 2) as x, y with `point_labels`
+        (N, P): 1 inside, 0 outside, both in pixels of the model's padded S x S input (model_coordinates in
+        inference/preprocessing.py). Boxes and points go through the base's own prompt encoder, as it was trained
+        (LiteMedSAM: boxes), and the text tokens are put in front of them. with_quality=True also returns the
+        decoder's predicted IoU (N,), SAM's own estimate of the mask's quality.
+        """
+        given = [t.shape[0] for t in (tokens, boxes, points) if t is not None]
+        if not given:
+            raise ValueError("decode needs text tokens, boxes or points")
+        if len(set(given)) != 1:
+            raise ValueError(f"prompt batch sizes differ: {given}")
+        count = given[0]
+        if boxes is not None or points is not None:
+            point_prompt = None if points is None else (points.to(self.device).float(),
+                                                        point_labels.to(self.device).float())
+            sparse, dense = self.prompt_encoder(points=point_prompt, masks=None,
+                                                boxes=None if boxes is None else boxes.to(self.device).float())
+            if tokens is not None:
+                sparse = torch.cat([tokens.to(sparse.dtype), sparse], dim=1)
+        else:
+            sparse = tokens
+            dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(
+                count, -1, *self.prompt_encoder.image_embedding_size
+            )
+        logits, quality = self.mask_decoder(
             image_embeddings=image_embeddings,
             image_pe=self.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=tokens.to(dense.dtype),
+            sparse_prompt_embeddings=sparse.to(dense.dtype),
             dense_prompt_embeddings=dense,
             multimask_output=False,
         )
-        return logits
+        return (logits, quality[:, 0]) if with_quality else logits
 
     def forward(self, images: torch.Tensor, labels: Union[Sequence[str], torch.Tensor], every_label: bool = False):
         """images (B, 3, S, S) preprocessed -> low-res logits over the padded S x S input.

@@ -54,6 +54,7 @@ class TrainingConfig:
     micro_batch: Optional[int] = None  # slices per forward/backward pass; default 1 on CPU, batch_size on GPU
     tune: str = "ssam"  # "ssam": the full S-SAM set; "norms": a, b frozen (the paper's ablation baseline)
     lr_singular_values: Optional[float] = None  # learning rate of the scales and shifts (default: lr)
+    keep_largest: Optional[List[str]] = None  # labels that are one connected organ, recorded in the adapter
 
     def checkpoint_path(self) -> Path:
         if self.checkpoint:
@@ -417,6 +418,7 @@ def train(config: TrainingConfig, progress: Optional[Callable[[TrainingProgress]
     torch.manual_seed(config.seed)  # the Text Affine Layer's initial weights: a run is repeatable from its seed
     model = load(base=config.base, text_encoder=config.text_encoder, image_size=config.image_size, device=device)
     text = model.text_embeddings(labels)  # encoded once; stored in the adapter
+    model.keep_largest = list(config.keep_largest or [])
     if config.tune == "norms":
         model.freeze_singular_values()
 

@@ -93,8 +93,10 @@ class SliceGeometry:
             return per_slice[::-1].copy()
         return per_slice.copy()
 
-    def slice_of_array_index(self, array_index: int) -> int:
-        return self.num_slices - 1 - array_index if self.slice_axis >= 0 and self.slice_axis in self.flips else array_index
+    def array_index(self, index: int) -> int:
+        """Slice `index` -> its index in the image array along array_axis, and back (the mapping is its own
+        inverse): what a viewer counts."""
+        return self.num_slices - 1 - index if self.slice_axis >= 0 and self.slice_axis in self.flips else index
 
     def slice_coordinates(self, continuous_index) -> Tuple[float, float, float]:
         """A (continuous) SimpleITK index (x, y[, z]) of the image -> (slice, row, column) as slice_view shows it:
@@ -112,6 +114,14 @@ class SliceGeometry:
             rows = [n for k, n in enumerate(canonical_shape) if k != self.slice_axis][0]
             row = rows - 1 - row
         return position[self.slice_axis], row, col
+
+    def slice_shape(self) -> Tuple[int, int]:
+        """(rows, columns) of the slices as returned by slice_view."""
+        canonical_shape = [self.shape[axis] for axis in self.order]
+        if self.slice_axis < 0:
+            return canonical_shape[0], canonical_shape[1]
+        rest = [n for k, n in enumerate(canonical_shape) if k != self.slice_axis]
+        return rest[0], rest[1]
 
     def in_plane_spacing(self) -> Tuple[float, float]:
         """(row, column) spacing of the slices as returned by slice_view."""

@@ -232,15 +232,37 @@ class SSAM(nn.Module):
             raise ValueError(f"{images.shape[0]} images but {text.shape[0]} labels")
         return self.decode(embeddings, tokens)
 
-    def segment(self, image, labels, spacing=None, origin=None, direction=None, **options):
+    def segment(self, image, labels, spacing=None, origin=None, direction=None, boxes=None, points=None,
+                negative_points=None, **options):
         """Masks for `labels` on a SimpleITK image, or a numpy array ((z,) y, x[, 3]) with its geometry; options as
-        slice_inference.segment_image (axis, threshold, intensity, window, batch_size, progress, cancel)."""
+        slice_inference.segment_image (axis, threshold, intensity, window, batch_size, progress, cancel, context).
+
+        Corrections, in LPS millimetres, per label as {label: ...} (or the value alone for one label): boxes as two
+        opposite corners ((x0, y0, z0), (x1, y1, z1)), points inside and negative_points outside the structure as
+        lists of (x, y, z), all on one slice; each corrected label is re-decoded there with its text token and the
+        correction carried to the neighbouring slices (inference/refinement.py). result.refined names the slices.
+        """
         from ..files.image_io import image_from_array
-        from ..inference.slice_inference import segment_image
+        from ..inference.refinement import apply_refinements, prompts_by_label
+        from ..inference.slice_inference import segment_image, unique_labels
 
         if not hasattr(image, "GetSize"):
             image = image_from_array(image, spacing, origin, direction)
-        return segment_image(self, image, labels, **options)
+        prompts = prompts_by_label(unique_labels(labels), boxes, points, negative_points)
+        result = segment_image(self, image, labels, **options)
+        if prompts:
+            kept = {k: options[k] for k in ("intensity", "window", "threshold", "cancel") if k in options}
+            apply_refinements(self, image, result, prompts, **kept)
+        return result
+
+    def refine(self, image, label, mask=None, box=None, points=(), negative_points=(), **options):
+        """Correct one label's existing `mask` (a SimpleITK image on `image`'s grid, or None) with a box and/or
+        points in LPS millimetres on one slice; returns a Refinement (the new mask and the slices it rewrote).
+        Options as inference/refinement.refine (axis, intensity, window, threshold, use_text, carry, cancel)."""
+        from ..inference.physical_prompts import PhysicalPrompt
+        from ..inference.refinement import refine
+
+        return refine(self, image, label, PhysicalPrompt(box, list(points), list(negative_points)), mask, **options)
 
     # --- adapter ------------------------------------------------------------------------------------------------
 

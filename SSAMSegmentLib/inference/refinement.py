@@ -169,6 +169,13 @@ def prompts_by_label(labels, boxes=None, points=None, negative_points=None) -> D
     return prompts
 
 
+def check_prompts(image, prompts: Dict[str, PhysicalPrompt], axis: str = "auto"):
+    """Fail before any work when a prompt is outside the image or spread over several slices."""
+    geometry = SliceGeometry.for_image(check_image(image), axis)
+    for prompt in prompts.values():
+        to_slice_prompt(prompt, image, geometry)
+
+
 def apply_refinements(model, image, result, prompts: Dict[str, PhysicalPrompt], **options):
     """Correct `result` (a SegmentationResult of `image`) with each label's prompt; records the rewritten slices in
     result.refined and their predicted IoU in result.slice_confidence."""

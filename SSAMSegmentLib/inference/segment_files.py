@@ -5,6 +5,7 @@ from pathlib import Path
 from ..files.atomic_file import check_writable
 from ..errors import SSAMError
 from ..files.image_io import read_image, strip_image_suffix
+from .refinement import apply_refinements, check_prompts
 from .slice_inference import segment_image
 
 def default_output(input_path, folder=".") -> Path:
@@ -22,8 +23,10 @@ def check_output_path(path) -> Path:
 
 
 def segment_file(model, input_path, labels, output_path=None, axis="auto", preview=None, threshold=0.5,
-                 intensity="auto", window=None, progress=None, cancel=None):
+                 intensity="auto", window=None, progress=None, cancel=None, context="auto", prompts=None,
+                 use_text=True):
     """Read `input_path`, segment `labels`, write `output_path` (.seg.nrrd or a label map) and an optional PNG preview.
+    prompts: {label: PhysicalPrompt} corrections applied after the text prompts (inference/refinement.py).
 
     Outputs are checked before any work and written only once the whole result exists, each atomically: a bad input,
     Ctrl-C or a full disk leaves no partial file and any earlier file untouched. Returns the SegmentationResult with
@@ -37,8 +40,13 @@ def segment_file(model, input_path, labels, output_path=None, axis="auto", previ
         if not preview.name.lower().endswith(".png"):
             raise SSAMError(f"preview {preview} must be a .png file")
     image = read_image(input_path)
+    if prompts:
+        check_prompts(image, prompts, axis)
     result = segment_image(model, image, labels, axis=axis, threshold=threshold, intensity=intensity, window=window,
-                           progress=progress, cancel=cancel)
+                           progress=progress, cancel=cancel, context=context)
+    if prompts:
+        apply_refinements(model, image, result, prompts, intensity=intensity, window=window, threshold=threshold,
+                          use_text=use_text, cancel=cancel)
     result.outputs = write_outputs(output_path, image, result.masks, preview_path=preview,
                                    array_axis=result.array_axis)
     return result

@@ -243,12 +243,14 @@ class SSAM(nn.Module):
         correction carried to the neighbouring slices (inference/refinement.py). result.refined names the slices.
         """
         from ..files.image_io import image_from_array
-        from ..inference.refinement import apply_refinements, prompts_by_label
+        from ..inference.refinement import apply_refinements, check_prompts, prompts_by_label
         from ..inference.slice_inference import segment_image, unique_labels
 
         if not hasattr(image, "GetSize"):
             image = image_from_array(image, spacing, origin, direction)
         prompts = prompts_by_label(unique_labels(labels), boxes, points, negative_points)
+        if prompts:
+            check_prompts(image, prompts, options.get("axis", "auto"))
         result = segment_image(self, image, labels, **options)
         if prompts:
             kept = {k: options[k] for k in ("intensity", "window", "threshold", "cancel") if k in options}

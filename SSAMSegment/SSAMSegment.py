@@ -881,7 +881,45 @@ class SSAMSegmentLogic(ScriptedLoadableModuleLogic):
         image = image_from_volume_node(volumeNode)
         result = self._model(adapter, base, device).segment(image, labels, axis=axis, progress=progress, cancel=cancel)
         segmentation, segmentIds = self.writeMasks(result.masks, volumeNode, segmentationNode, replaceExisting, image)
+        self.tagConfidence(segmentation, segmentIds, {label: result.confidence(label) for label in result.masks},
+                           {label: result.slices_to_check(label) for label in result.masks})
         return segmentation, segmentIds, result
+
+    @staticmethod
+    def tagConfidence(segmentationNode, segmentIds, confidence, checkSlices):
+        from SSAMSegmentLib.slicer.scene_nodes import tag_confidence
+
+        for label, segmentId in segmentIds.items():
+            tag_confidence(segmentationNode, segmentId, confidence.get(label), checkSlices.get(label, ()))
+
+    def refine(self, volumeNode, segmentationNode, segmentId, roiNode=None, pointsNode=None, negativePointsNode=None,
+               adapter="default", axis="auto", device="auto", base=None, useText=True, saveState=None,
+               progress=None, cancel=None):
+        """Correct one segment with a Markups ROI and/or point lists placed on the volume (inference/refinement.py):
+        the prompted slice is decoded again with the segment's name as text, the correction carried to its
+        neighbours. Only that segment changes, only on the slices returned; `saveState()` is called just before the
+        change (the segment editor's saveStateForUndo, so its Undo brings the segment back). A cancelled or failed
+        run leaves the node unchanged. Returns the Refinement."""
+        from SSAMSegmentLib import SSAMError
+        from SSAMSegmentLib.inference.slice_inference import CHECK_BELOW
+        from SSAMSegmentLib.slicer.scene_nodes import (image_from_volume_node, markups_prompt, replace_segment_mask,
+                                                       segment_masks, tag_confidence)
+
+        segment = segmentationNode.GetSegmentation().GetSegment(segmentId)
+        if segment is None:
+            raise SSAMError(f"choose a segment of '{segmentationNode.GetName()}' to correct")
+        prompt = markups_prompt(volumeNode, roiNode, pointsNode, negativePointsNode)
+        image = image_from_volume_node(volumeNode)
+        current = segment_masks(segmentationNode, volumeNode, [segmentId])[segment.GetName()]
+        model = self._model(adapter, base, device)
+        refinement = model.refine(image, segment.GetName(), current, box=prompt.box, points=prompt.points,
+                                  negative_points=prompt.negative_points, axis=axis, use_text=useText,
+                                  progress=progress, cancel=cancel)
+        replace_segment_mask(segmentationNode, volumeNode, segmentId, refinement.mask, image, save_state=saveState)
+        scores = list(refinement.confidence.values())
+        tag_confidence(segmentationNode, segmentId, sum(scores) / len(scores) if scores else None,
+                       [k for k, score in refinement.confidence.items() if score < CHECK_BELOW])
+        return refinement
 
     def startSegmentation(self, volumeNode, labels, adapter="default", axis="auto", device="auto", base=None,
                           python=None):
@@ -911,6 +949,8 @@ class SSAMSegmentLogic(ScriptedLoadableModuleLogic):
         masks = background_task.segmentation_masks(task)
         segmentation, segmentIds = self.writeMasks(masks, volumeNode, segmentationNode, replaceExisting,
                                                    getattr(task, "inputImage", None))
+        self.tagConfidence(segmentation, segmentIds, task.result.get("confidence", {}),
+                           task.result.get("check_slices", {}))
         return segmentation, segmentIds, list(task.result.get("empty_labels", [])), task.result.get("summary", "")
 
     def writeMasks(self, masks, volumeNode, segmentationNode=None, replaceExisting=False, image=None):

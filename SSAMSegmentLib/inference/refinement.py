@@ -106,7 +106,13 @@ def refine(model, image: sitk.Image, label: str, prompt: PhysicalPrompt, mask: O
     output = np.zeros(geometry.shape, np.uint8) if mask is None else sitk.GetArrayFromImage(mask).astype(np.uint8)
     canonical = geometry.canonical(output)
     rewritten: Dict[int, float] = {}
+
+    def check_cancel():
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("correction cancelled; nothing was changed")
+
     try:
+        check_cancel()
         first = decode(on_slice.slice, on_slice.box, on_slice.points, on_slice.point_labels)
         if first is None:
             raise SSAMError(f"slice {geometry.array_index(on_slice.slice)} has no signal (constant intensity); "
@@ -118,8 +124,7 @@ def refine(model, image: sitk.Image, label: str, prompt: PhysicalPrompt, mask: O
                  (range(on_slice.slice + 1, high + 1) if direction > 0 else range(on_slice.slice - 1, low - 1, -1))]
         previous = {1: first[0], -1: first[0]}
         for direction, index in steps if carry else []:
-            if cancel is not None and cancel.is_set():
-                raise Cancelled("correction cancelled; nothing was changed")
+            check_cancel()
             before = previous[direction]
             if before is None or not before.any():
                 continue

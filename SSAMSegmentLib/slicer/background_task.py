@@ -332,7 +332,9 @@ def _segmentation_job(job: dict, folder: Path, events: _Events, cancel) -> dict:
         sitk.WriteImage(mask, str(folder / name), True)
         listed.append([label, name])
     summary = result.summary() if hasattr(result, "summary") else ""
-    return {"masks": listed, "empty_labels": list(result.empty_labels), "summary": summary}
+    return {"masks": listed, "empty_labels": list(result.empty_labels), "summary": summary,
+            "confidence": {label: result.confidence(label) for label in result.masks},
+            "check_slices": {label: result.slices_to_check(label) for label in result.masks}}
 
 
 def _training_job(job: dict, folder: Path, events: _Events, cancel) -> dict:

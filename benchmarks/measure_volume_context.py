@@ -28,7 +28,6 @@ import SSAMSegmentLib  # noqa: E402
 from SSAMSegmentLib.files.image_io import read_image  # noqa: E402
 from SSAMSegmentLib.inference.slice_inference import check_threshold, masks_from_logits, slice_logits  # noqa: E402
 from SSAMSegmentLib.inference.volume_context import VolumeContext  # noqa: E402
-from SSAMSegmentLib.model.text_encoders import label_key  # noqa: E402
 
 LABELS = {"liver": ("liver",), "spleen": ("spleen",), "kidney": ("kidney_right", "kidney_left")}
 SETTINGS = {

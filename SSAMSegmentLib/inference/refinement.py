@@ -8,7 +8,6 @@ depth is left. Only the label's mask on the slices reported in `slices` changes;
 """
 
 import dataclasses
-import math
 from typing import Dict, List, Optional
 
 import numpy as np

@@ -47,16 +47,24 @@ def _on_grid(reference: sitk.Image, image: sitk.Image) -> np.ndarray:
     return sitk.GetArrayFromImage(sitk.Resample(reference, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0))
 
 
-def cases(data: Path):
+CASES = ("dicom", "small", "dcmqi")
+
+
+def cases(data: Path, chosen=CASES):
     folder = data / "totalsegmentator-ct"
     names = json.loads((folder / "labels.json").read_text())["total"]
     values = {name: int(value) for value, name in names.items()}
-    for name, image_file, seg_file, note in (("TotalSegmentator DICOM", "example_ct_dicom", "example_seg_dicom.nii.gz", ""),
-                                             ("TotalSegmentator small", "example_ct_sm.nii.gz", "example_seg.nii.gz", " (train)")):
+    for key, name, image_file, seg_file, note in (
+            ("dicom", "TotalSegmentator DICOM", "example_ct_dicom", "example_seg_dicom.nii.gz", ""),
+            ("small", "TotalSegmentator small", "example_ct_sm.nii.gz", "example_seg.nii.gz", " (train)")):
+        if key not in chosen:
+            continue
         image = read_image(folder / image_file)
         seg = _on_grid(sitk.ReadImage(str(folder / seg_file)), image)
         references = {label: np.isin(seg, [values[p] for p in parts]) for label, parts in LABELS.items()}
         yield name + note, image, references
+    if "dcmqi" not in chosen:
+        return
     dcmqi = data / "dcmqi-ct-3slice"
     image = read_image(dcmqi)
     yield "dcmqi (manual liver)", image, {"liver": _on_grid(sitk.ReadImage(str(dcmqi / "liver_seg.nrrd")), image) > 0}
@@ -72,6 +80,7 @@ def scores(predicted: np.ndarray, reference: np.ndarray, axis: int, voxel_ml: fl
 def main():
     parser = bench_common.arguments(__doc__.split("\n\n")[0])
     parser.add_argument("data", type=Path, help="the shared data folder")
+    parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES), help="which CT cases (default all)")
     args = parser.parse_args()
     bench_common.set_threads(args.threads)
     model = SSAMSegmentLib.load(adapter="default", merge=True)
@@ -79,7 +88,7 @@ def main():
     threshold = check_threshold(0.5)
     rows, totals = [], {name: [0.0, 0.0] for name in SETTINGS}  # setting -> [post seconds, loop seconds]
     per_setting = {name: {} for name in SETTINGS}
-    for case, image, references in cases(args.data):
+    for case, image, references in cases(args.data, args.cases):
         labels = list(references)
         start = time.perf_counter()
         decoded = slice_logits(model, image, labels, axis="axial")

@@ -156,4 +156,5 @@ def load_adapter(model, path) -> dict:
         model.merge()
     model.adapter_metadata = metadata
     model.keep_largest = [str(name) for name in metadata.get("keep_largest", [])]
+    model.adapter_path = Path(path)  # what a DICOM SEG names (and hashes) as the algorithm's adapter
     return metadata

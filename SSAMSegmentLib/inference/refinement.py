@@ -3,8 +3,8 @@
 The prompted slice is decoded again with the box and points together with the label's text token (or without it:
 the base alone, as LiteMedSAM was trained); then, slice after slice away from it, the previous corrected mask's box,
 grown a little, is the next slice's box prompt, until the structure ends there (nothing found, the decoder's
-predicted IoU drops, the area collapses), the new mask agrees with what the label already had, or the box's own
-depth is left. Only the label's mask on the slices reported in `slices` changes; everything else is the input mask.
+predicted IoU drops, the area collapses), the new mask roughly agrees with what the label already had (the text
+answer holds from there), or the box's own depth is left. Only the label's mask on the slices reported in `slices` changes; everything else is the input mask.
 """
 
 import dataclasses
@@ -23,11 +23,15 @@ from .preprocessing import logits_to_slice, model_coordinates, to_model_input
 from .slice_geometry import SliceGeometry
 from .slice_inference import _copy_geometry, check_threshold
 
-GROW = 0.1  # the carried box grows by this share of its size on each side (at least GROW_PIXELS)
+# The carried box grows by GROW of its size on each side (at least GROW_PIXELS). It compounds: a box-prompted mask
+# fills its box, so with 10% a 20-slice spleen ballooned over its neighbours (volume Dice 0.76 -> 0.54, real CT).
+GROW = 0.03
 GROW_PIXELS = 2.0
 MIN_QUALITY = 0.5  # the decoder's predicted IoU under which a carried mask counts as "the structure ended"
 MIN_AREA_RATIO = 0.2  # a carried mask smaller than this share of the previous slice's: the structure ended
-AGREES = 0.9  # Dice with the label's existing mask at which carrying stops: the text answer is right from here
+# Dice with the label's existing mask at which carrying stops: from there on the text answer roughly holds, and
+# a carried box would only replace it with a mask that drifts further from the prompt with every slice.
+AGREES = 0.5
 
 
 @dataclasses.dataclass

@@ -176,7 +176,7 @@ def test_one_box_raises_the_liver_dice_on_the_dcmqi_ct(data_dir):
     reference = sitk.Resample(sitk.ReadImage(str(folder / "liver_seg.nrrd")), image, sitk.Transform(),
                               sitk.sitkNearestNeighbor, 0)
     before, after = _one_box_raises_dice(image, sitk.GetArrayFromImage(reference) > 0, "liver")
-    assert after > before + 0.1, (before, after)  # measured: 0.639 -> 0.907
+    assert after > before + 0.1, (before, after)  # measured: 0.639 -> 0.761
 
 
 @pytest.mark.data

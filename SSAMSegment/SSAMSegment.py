@@ -228,6 +228,12 @@ class SSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.cacheFolderPathLineEdit.connect("currentPathChanged(QString)", self.onCacheFolderChanged)
         self.ui.defaultDeviceComboBox.connect("currentIndexChanged(int)", self.onDefaultDeviceChanged)
         self.ui.downloadWeightsButton.connect("clicked(bool)", self.onDownloadWeights)
+        self.ui.refineButton.connect("clicked(bool)", self.onRefineButton)
+        self.ui.refineSegmentSelector.connect("currentSegmentChanged(QString)", self.updateButtons)
+        self.ui.refineSegmentSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateButtons)
+        for selector in (self.ui.refineRoiSelector, self.ui.refinePointsSelector, self.ui.refineNegativePointsSelector):
+            selector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateButtons)
+        self._refineCancel = None  # a threading.Event while a correction runs
 
         self.initializeParameterNode()
         self.populateModels()
@@ -308,6 +314,16 @@ class SSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.trainButton.text = _("Train")
             self.ui.trainButton.enabled = not self._running() and bool(self.ui.trainingAdapterNameLineEdit.text.strip())
         self.ui.downloadWeightsButton.enabled = not self._running()
+        if self._refineCancel is not None:
+            self.ui.refineButton.text = _("Cancel")
+            self.ui.refineButton.enabled = True
+        else:
+            self.ui.refineButton.text = _("Refine")
+            hasPrompt = any(s.currentNode() for s in (self.ui.refineRoiSelector, self.ui.refinePointsSelector,
+                                                      self.ui.refineNegativePointsSelector))
+            self.ui.refineButton.enabled = bool(volume and self.ui.refineSegmentSelector.currentNode()
+                                                and self.ui.refineSegmentSelector.currentSegmentID()
+                                                and hasPrompt and not self._running())
 
     def setStatus(self, text: str, error: bool = False, training: bool = False, warning: bool = False) -> None:
         label = self.ui.trainingStatusLabel if training else self.ui.statusLabel
@@ -586,6 +602,61 @@ class SSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.rememberAdapter(adapterPath)
             self.setStatus(_("Saved adapter {path}. Validation Dice: {dice}. It is now selected in Model.").format(
                 path=adapterPath, dice=diceText or _("no validation cases")), training=True)
+
+    # --- correcting -------------------------------------------------------------------------------------------
+
+    def onRefineButton(self) -> None:
+        """Correct the chosen segment here, in Slicer's process (one slice and its neighbours, seconds on a CPU);
+        the progress callback keeps the interface live, so the button works as Cancel meanwhile."""
+        import threading
+
+        if self._refineCancel is not None:
+            self._refineCancel.set()
+            self.setStatus(_("Cancelling..."))
+            return
+        volume = self.ui.inputVolumeSelector.currentNode()
+        segmentation = self.ui.refineSegmentSelector.currentNode()
+        segmentId = self.ui.refineSegmentSelector.currentSegmentID()
+        if not volume or not segmentation or not segmentId or not self.ensureDependencies():
+            return
+        self._refineCancel = threading.Event()
+        self.updateButtons()
+        self.ui.progressBar.setRange(0, 1000)
+        self.ui.progressBar.value = 0
+        self.ui.progressBar.setFormat(_("Correcting") + " %p%")
+        self.ui.progressBar.show()
+
+        def progress(fraction, message):
+            self.ui.progressBar.value = int(1000 * max(0.0, min(1.0, fraction)))
+            self.setStatus(_("Correcting: {message}").format(message=message))
+            slicer.app.processEvents()
+
+        try:
+            refinement = self.logic.refine(
+                volume, segmentation, segmentId, roiNode=self.ui.refineRoiSelector.currentNode(),
+                pointsNode=self.ui.refinePointsSelector.currentNode(),
+                negativePointsNode=self.ui.refineNegativePointsSelector.currentNode(),
+                adapter=self.currentAdapter(), axis=self.ui.axisComboBox.currentText,
+                device=DEVICES.get(self.ui.deviceComboBox.currentText, "auto"),
+                useText=self.ui.refineUseTextCheckBox.checked,
+                saveState=lambda: self._saveStateForUndo(segmentation), progress=progress, cancel=self._refineCancel)
+        except Exception as error:  # SSAMError, Cancelled: the segment was not touched
+            self.setStatus(_oneLine(error), error=not isinstance(error, SSAMSegmentLogic.cancelledType()))
+        else:
+            name = segmentation.GetSegmentation().GetSegment(segmentId).GetName()
+            self.setStatus(_("Corrected {segment} on slices {slices}; Undo in the Segment Editor restores it.").format(
+                segment=name, slices=", ".join(str(k) for k in refinement.slices)))
+        finally:
+            self._refineCancel = None
+            self.ui.progressBar.hide()
+            self.updateButtons()
+
+    @staticmethod
+    def _saveStateForUndo(segmentationNode) -> None:
+        """Record the segmentation in the Segment Editor's own undo history, so its Undo reverts the correction."""
+        editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor
+        editor.setSegmentationNode(segmentationNode)
+        editor.saveStateForUndo()
 
     # --- fine-tuning ------------------------------------------------------------------------------------------
 
@@ -931,7 +1002,51 @@ class SSAMSegmentLogic(ScriptedLoadableModuleLogic):
         result = self._model(adapter, base, device, precision).segment(image, labels, axis=axis, progress=progress,
                                                                        cancel=cancel)
         segmentation, segmentIds = self.writeMasks(result.masks, volumeNode, segmentationNode, replaceExisting, image)
+        self.tagConfidence(segmentation, segmentIds, {label: result.confidence(label) for label in result.masks},
+                           {label: result.slices_to_check(label) for label in result.masks})
         return segmentation, segmentIds, result
+
+    @staticmethod
+    def cancelledType():
+        from SSAMSegmentLib import Cancelled
+
+        return Cancelled
+
+    @staticmethod
+    def tagConfidence(segmentationNode, segmentIds, confidence, checkSlices):
+        from SSAMSegmentLib.slicer.scene_nodes import tag_confidence
+
+        for label, segmentId in segmentIds.items():
+            tag_confidence(segmentationNode, segmentId, confidence.get(label), checkSlices.get(label, ()))
+
+    def refine(self, volumeNode, segmentationNode, segmentId, roiNode=None, pointsNode=None, negativePointsNode=None,
+               adapter="default", axis="auto", device="auto", base=None, useText=True, saveState=None,
+               progress=None, cancel=None):
+        """Correct one segment with a Markups ROI and/or point lists placed on the volume (inference/refinement.py):
+        the prompted slice is decoded again with the segment's name as text, the correction carried to its
+        neighbours. Only that segment changes, only on the slices returned; `saveState()` is called just before the
+        change (the segment editor's saveStateForUndo, so its Undo brings the segment back). A cancelled or failed
+        run leaves the node unchanged. Returns the Refinement."""
+        from SSAMSegmentLib import SSAMError
+        from SSAMSegmentLib.inference.slice_inference import CHECK_BELOW
+        from SSAMSegmentLib.slicer.scene_nodes import (image_from_volume_node, markups_prompt, replace_segment_mask,
+                                                       segment_masks, tag_confidence)
+
+        segment = segmentationNode.GetSegmentation().GetSegment(segmentId)
+        if segment is None:
+            raise SSAMError(f"choose a segment of '{segmentationNode.GetName()}' to correct")
+        prompt = markups_prompt(volumeNode, roiNode, pointsNode, negativePointsNode)
+        image = image_from_volume_node(volumeNode)
+        current = segment_masks(segmentationNode, volumeNode, [segmentId])[segment.GetName()]
+        model = self._model(adapter, base, device)
+        refinement = model.refine(image, segment.GetName(), current, box=prompt.box, points=prompt.points,
+                                  negative_points=prompt.negative_points, axis=axis, use_text=useText,
+                                  progress=progress, cancel=cancel)
+        replace_segment_mask(segmentationNode, volumeNode, segmentId, refinement.mask, image, save_state=saveState)
+        scores = list(refinement.confidence.values())
+        tag_confidence(segmentationNode, segmentId, sum(scores) / len(scores) if scores else None,
+                       [k for k, score in refinement.confidence.items() if score < CHECK_BELOW])
+        return refinement
 
     def startSegmentation(self, volumeNode, labels, adapter="default", axis="auto", device="auto", base=None,
                           python=None, precision="auto"):
@@ -960,6 +1075,8 @@ class SSAMSegmentLogic(ScriptedLoadableModuleLogic):
         masks = background_task.segmentation_masks(task)
         segmentation, segmentIds = self.writeMasks(masks, volumeNode, segmentationNode, replaceExisting,
                                                    task.context.get("image"))
+        self.tagConfidence(segmentation, segmentIds, task.result.get("confidence", {}),
+                           task.result.get("check_slices", {}))
         return segmentation, segmentIds, list(task.result.get("empty_labels", [])), task.result.get("summary", "")
 
     def writeMasks(self, masks, volumeNode, segmentationNode=None, replaceExisting=False, image=None):

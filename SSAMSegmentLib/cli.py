@@ -103,6 +103,34 @@ def _parse_window(text):
     return level, width
 
 
+def _prompts(args):
+    """--box/--point/--negative-point, each '[LABEL=]numbers', as {label: PhysicalPrompt}."""
+    from .inference.physical_prompts import PhysicalPrompt, parse_box, parse_point
+    from .model.labels import parse_labels as unique_labels
+    from .model.text_encoders import label_key
+
+    labels = unique_labels(args.label)
+    prompts = {}
+    for option, values in (("--box", args.box), ("--point", args.point), ("--negative-point", args.negative_point)):
+        for text in values or []:
+            name, _, numbers = text.rpartition("=")
+            if not name:
+                if len(labels) > 1:
+                    raise SSAMError(f"{option} '{text}': with several labels, say which: {option} LABEL=...")
+                name = labels[0]
+            label = next((l for l in labels if label_key(l) == label_key(name)), None)
+            if label is None:
+                raise SSAMError(f"{option} names '{name}', which is not among --label {', '.join(labels)}")
+            prompt = prompts.setdefault(label, PhysicalPrompt(points=[], negative_points=[]))
+            if option == "--box":
+                if prompt.box is not None:
+                    raise SSAMError(f"two --box for '{label}'; give one box per label")
+                prompt.box = parse_box(numbers)
+            else:
+                (prompt.points if option == "--point" else prompt.negative_points).append(parse_point(numbers, option))
+    return prompts
+
+
 def _segment(args) -> int:
     from .model.loading import load
     from .inference.segment_files import check_output_path, dicom_source_for, resolve_output, segment_file
@@ -110,6 +138,9 @@ def _segment(args) -> int:
 
     output = check_output_path(resolve_output(args.input, args.output, args.format))
     dicom_source = dicom_source_for(args.input, output)  # a DICOM SEG of a non-DICOM input fails here, before work
+    prompts = _prompts(args)
+    if args.box_only and not prompts:
+        raise SSAMError("--box-only needs a --box or --point to prompt with")
     model = load(base=args.base, adapter=args.adapter or "default", device=args.device, merge=True,
                  precision=args.precision)
     update, close = _progress_bar("segmenting")
@@ -117,7 +148,8 @@ def _segment(args) -> int:
         result = segment_file(model, args.input, args.label, output, axis=args.axis, preview=args.preview,
                               threshold=args.threshold, intensity=args.intensity, window=_parse_window(args.window),
                               progress=update, dicom_source=dicom_source,
-                              probe_mm=None if args.every_slice else DEFAULT_PROBE_MM)
+                              probe_mm=None if args.every_slice else DEFAULT_PROBE_MM,
+                              context=args.context, prompts=prompts, use_text=not args.box_only)
     finally:
         close()
     print(result.summary())
@@ -188,6 +220,22 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--every-slice", action="store_true",
                          help="encode every slice; by default slices between two empty probes 10 mm apart are "
                               "left empty (structures shorter than that along the slice axis may be missed)")
+    segment.add_argument("--context", choices=("auto", "off"), default="auto",
+                         help="auto: each slice checked against its neighbours (slice smoothing, small 3D pieces "
+                              "removed, one piece for organs the adapter marks; docs/benchmarks.md); off: slices alone")
+    prompt_help = ("in PHYSICAL coordinates: LPS millimetres (x to the patient's left, y posterior, z superior; "
+                   "Slicer shows RAS, so negate x and y), so it means the same in any viewer; prefix LABEL= when "
+                   "there are several labels")
+    segment.add_argument("--box", action="append", metavar="[LABEL=]X0,Y0,Z0,X1,Y1,Z1",
+                         help="correct a label with a box (two opposite corners) on one slice; the correction is "
+                              "carried to the neighbouring slices until the structure ends; " + prompt_help)
+    segment.add_argument("--point", action="append", metavar="[LABEL=]X,Y,Z",
+                         help="a point inside the structure (repeatable), on the box's slice; " + prompt_help)
+    segment.add_argument("--negative-point", action="append", metavar="[LABEL=]X,Y,Z",
+                         help="a point outside the structure (repeatable); " + prompt_help)
+    segment.add_argument("--box-only", action="store_true",
+                         help="correct with the box and points alone, without the label's text (the base model as "
+                              "it was trained)")
     segment.set_defaults(run=_segment)
 
     evaluate = commands.add_parser("evaluate", help="Dice, IoU and HD95 of predictions against references")

@@ -62,6 +62,9 @@ def add_arguments(parser):
     parser.add_argument("--tune", choices=("ssam", "norms"), default="ssam",
                         help="ssam: singular values + norms (S-SAM); norms: without the singular values (ablation)")
     parser.add_argument("--no-augment", action="store_true", help="no intensity and small geometric jitter")
+    parser.add_argument("--keep-largest", action="append", metavar="LABEL",
+                        help="a label that is one connected organ (e.g. liver): segmenting keeps only its largest 3D "
+                             "component; repeat for several")
 
 
 def run(args) -> int:
@@ -75,6 +78,7 @@ def run(args) -> int:
         micro_batch=args.micro_batch, lr=args.lr, lr_singular_values=args.lr_singular_values, patience=args.patience,
         val_fraction=args.val_fraction, val_data=args.val_data, seed=args.seed, resume=args.resume, device=args.device, axis=args.axis,
         balanced=args.balanced, augment=not args.no_augment, tune=args.tune, image_size=args.image_size,
+        keep_largest=args.keep_largest,
     )
     cancel = threading.Event()
     display = _Display()

@@ -58,10 +58,7 @@ def box_baseline(data: Path, labels):
                 if not bank.scored[row, index] or not truth.any():
                     continue
                 box = torch.tensor([mask_box(truth)], dtype=torch.float32)
-                sparse, dense = model.prompt_encoder(points=None, boxes=box[:, None, :], masks=None)
-                logits, _ = model.mask_decoder(image_embeddings=embedding, image_pe=model.prompt_encoder.get_dense_pe(),
-                                               sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
-                                               multimask_output=False)
+                logits = model.decode(embedding, boxes=box)
                 logits = logits_to_slice(logits, model.image_size, (model.image_size, model.image_size),
                                          (model.image_size, model.image_size))
                 predicted = (logits[0, 0, :h, :w] > 0).numpy()

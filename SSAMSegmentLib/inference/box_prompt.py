@@ -1,13 +1,14 @@
 """The base model prompted in its own, native way: a bounding box per slice, no text.
 
 This is how LiteMedSAM and SAM were trained, so it proves that the pretrained weights and our preprocessing are
-right, and with the box of the ground truth it is the strongest zero-shot baseline an adapter is compared with.
+right, and with the box of the ground truth it is the strongest zero-shot baseline an adapter is compared with. The
+decoding itself is the model's one prompt path (SSAM.decode); this file only brings a slice and its pixel boxes there.
 """
 
 import numpy as np
 import torch
 
-from .preprocessing import logits_to_slice, resized_shape, to_model_input
+from .preprocessing import logits_to_slice, model_coordinates, to_model_input
 
 
 def mask_box(mask: np.ndarray):
@@ -24,17 +25,8 @@ def box_prompt_masks(model, rgb_slice: np.ndarray, boxes, spacing=(1.0, 1.0), th
     height, width = rgb_slice.shape[:2]
     pixels = torch.from_numpy(np.ascontiguousarray(rgb_slice, dtype=np.float32)).permute(2, 0, 1)[None]
     inputs, content = to_model_input(pixels.to(model.device), model.image_size, model.pixel_mean, model.pixel_std, spacing)
-    new_h, new_w = resized_shape(height, width, model.image_size, spacing)
-    scale = torch.tensor([new_w / width, new_h / height, new_w / width, new_h / height])
-    box_tensor = (torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4) * scale).to(model.device)
-    embedding = model.encode_images(inputs)
-    sparse, dense = model.prompt_encoder(points=None, boxes=box_tensor[:, None, :], masks=None)
-    logits, _ = model.mask_decoder(
-        image_embeddings=embedding,
-        image_pe=model.prompt_encoder.get_dense_pe(),
-        sparse_prompt_embeddings=sparse,
-        dense_prompt_embeddings=dense,
-        multimask_output=False,
-    )
+    box_tensor = model_coordinates(np.asarray(boxes, dtype=np.float32).reshape(-1, 4), (height, width),
+                                   model.image_size, spacing)
+    logits = model.decode(model.encode_images(inputs), boxes=box_tensor)
     logits = logits_to_slice(logits, model.image_size, content, (height, width))
     return (logits[:, 0] > threshold_logit).to(torch.uint8).cpu().numpy()

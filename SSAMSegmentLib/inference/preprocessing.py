@@ -15,6 +15,16 @@ def resized_shape(height: int, width: int, image_size: int, spacing=(1.0, 1.0)) 
     return max(1, int(physical_h * scale + 0.5)), max(1, int(physical_w * scale + 0.5))
 
 
+def model_coordinates(xy, slice_hw: Tuple[int, int], image_size: int, spacing=(1.0, 1.0)) -> torch.Tensor:
+    """Pixel coordinates (..., 2k) as x, y pairs on a slice (H, W) -> the same points on the model's input, which is
+    the slice resized by resized_shape (SAM's ResizeLongestSide.apply_coords, with our physical aspect)."""
+    height, width = slice_hw
+    new_h, new_w = resized_shape(height, width, image_size, spacing)
+    xy = torch.as_tensor(xy, dtype=torch.float32)
+    scale = torch.tensor([new_w / width, new_h / height]).repeat(xy.shape[-1] // 2)
+    return xy * scale
+
+
 def resize_to_model(slices: torch.Tensor, image_size: int, spacing=(1.0, 1.0)):
     """slices (B, C, H, W) -> resized so the longest physical side is image_size, and that (h, w)."""
     height, width = slices.shape[-2:]

@@ -5,6 +5,7 @@ from pathlib import Path
 from ..files.atomic_file import check_writable
 from ..errors import SSAMError
 from ..files.image_io import read_image, strip_image_suffix
+from .refinement import apply_refinements, check_prompts
 from .slice_inference import segment_image
 from .sparse_slices import DEFAULT_PROBE_MM
 
@@ -59,11 +60,12 @@ def dicom_source_for(input_path, output_path):
 
 def segment_file(model, input_path, labels, output_path=None, axis="auto", preview=None, threshold=0.5,
                  intensity="auto", window=None, progress=None, cancel=None, output_format=None, dicom_source=None,
-                 probe_mm=DEFAULT_PROBE_MM):
+                 probe_mm=DEFAULT_PROBE_MM, context="auto", prompts=None, use_text=True):
     """Read `input_path`, segment `labels`, write `output_path` (.seg.nrrd, a label map, or a DICOM SEG for a DICOM
     input) and an optional PNG preview. `output_format` names the type when `output_path` is not given;
     `dicom_source`: the input's DicomSeries when the caller already has it (found here otherwise); probe_mm: see
     sparse_slices.py, None encodes every slice.
+    prompts: {label: PhysicalPrompt} corrections applied after the text prompts (inference/refinement.py).
 
     Outputs are checked before any work and written only once the whole result exists, each atomically: a bad input,
     Ctrl-C or a full disk leaves no partial file and any earlier file untouched. Returns the SegmentationResult with
@@ -85,8 +87,13 @@ def segment_file(model, input_path, labels, output_path=None, axis="auto", previ
 
         dicom_source.check_grid(image)
         algorithm = algorithm_of(model)
+    if prompts:
+        check_prompts(image, prompts, axis)
     result = segment_image(model, image, labels, axis=axis, threshold=threshold, intensity=intensity, window=window,
-                           progress=progress, cancel=cancel, probe_mm=probe_mm)
+                           progress=progress, cancel=cancel, probe_mm=probe_mm, context=context)
+    if prompts:
+        apply_refinements(model, image, result, prompts, intensity=intensity, window=window, threshold=threshold,
+                          use_text=use_text, cancel=cancel)
     result.outputs = write_outputs(output_path, image, result.masks, preview_path=preview,
                                    array_axis=result.array_axis, dicom_source=dicom_source, algorithm=algorithm)
     result.notes += list(dicom_source.notes) if dicom_source is not None else []

@@ -91,6 +91,42 @@ class SliceGeometry:
         """The distance between neighbouring slices (mm); 0 for a 2D image."""
         return 0.0 if self.slice_axis < 0 else float(self.spacing[self.slice_axis])
 
+    def array_order(self, per_slice: np.ndarray) -> np.ndarray:
+        """Values per slice (in slice order) -> the same values by the image array's index along array_axis."""
+        if self.slice_axis >= 0 and self.slice_axis in self.flips:
+            return per_slice[::-1].copy()
+        return per_slice.copy()
+
+    def array_index(self, index: int) -> int:
+        """Slice `index` -> its index in the image array along array_axis, and back (the mapping is its own
+        inverse): what a viewer counts."""
+        return self.num_slices - 1 - index if self.slice_axis >= 0 and self.slice_axis in self.flips else index
+
+    def slice_coordinates(self, continuous_index) -> Tuple[float, float, float]:
+        """A (continuous) SimpleITK index (x, y[, z]) of the image -> (slice, row, column) as slice_view shows it:
+        the inverse of canonical + slice_view for one point, so a prompt given in the image lands on the pixel the
+        model sees."""
+        array_index = list(reversed([float(v) for v in continuous_index]))  # numpy order
+        canonical_shape = [self.shape[axis] for axis in self.order]
+        position = [array_index[axis] for axis in self.order]
+        for axis in self.flips:
+            position[axis] = canonical_shape[axis] - 1 - position[axis]
+        if self.slice_axis < 0:
+            return 0.0, position[0], position[1]
+        row, col = [p for k, p in enumerate(position) if k != self.slice_axis]
+        if self.slice_axis != 0:  # slice_view shows coronal and sagittal slices superior-up: rows reversed
+            rows = [n for k, n in enumerate(canonical_shape) if k != self.slice_axis][0]
+            row = rows - 1 - row
+        return position[self.slice_axis], row, col
+
+    def slice_shape(self) -> Tuple[int, int]:
+        """(rows, columns) of the slices as returned by slice_view."""
+        canonical_shape = [self.shape[axis] for axis in self.order]
+        if self.slice_axis < 0:
+            return canonical_shape[0], canonical_shape[1]
+        rest = [n for k, n in enumerate(canonical_shape) if k != self.slice_axis]
+        return rest[0], rest[1]
+
     def in_plane_spacing(self) -> Tuple[float, float]:
         """(row, column) spacing of the slices as returned by slice_view."""
         if self.slice_axis < 0:

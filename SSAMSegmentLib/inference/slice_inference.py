@@ -2,10 +2,12 @@
 
 Per image: one intensity mapping, one slicing geometry, each label's prompt token computed once. The slices are
 encoded in rounds (sparse_slices.py): sparse probes, then every slice near a probe that found some label; the rest
-keep the empty mask. Per slice: the image encoder runs once, the mask decoder once per label (all labels in one
-batch), in the model's precision (devices.inference_precision), the logits are brought back to the slice's own size
-and thresholded straight into the uint8 output masks. Only the current slices and their embeddings are in memory,
-never a float copy of the volume; slices without signal (constant intensity) are skipped.
+keep an empty mask. Per slice: the image encoder runs once, the mask decoder once per label (all labels in one
+batch), in the model's precision (devices.inference_precision); the logits are brought back to the slice's own size
+and stored as int8 tenths of a logit in the array that becomes the label's uint8 mask; the decoder's predicted IoU is
+kept per slice and label as a confidence. After the loop volume_context.py turns the logits into masks using the
+neighbouring slices. Only the current slices and their embeddings are in memory, never a float copy of the volume;
+slices without signal (constant intensity) are skipped.
 """
 
 import collections
@@ -26,8 +28,24 @@ from .preprocessing import logits_to_slice, to_model_input
 from .slice_geometry import SliceGeometry
 from ..model import labels
 from .sparse_slices import DEFAULT_PROBE_MM, SliceSchedule
+from .volume_context import VolumeContext, logits_to_mask, new_logit_volume, quantize_logits
 
 Progress = Callable[[float, str], None]
+
+
+CHECK_BELOW = 0.5  # a slice whose predicted IoU is under this is listed for the user to check
+
+
+def _ranges(indices) -> str:
+    """[3, 4, 5, 9] -> '3-5, 9'."""
+    groups, start = [], None
+    for position, index in enumerate(indices):
+        if start is None:
+            start = index
+        if position + 1 == len(indices) or indices[position + 1] != index + 1:
+            groups.append(f"{start}" if start == index else f"{start}-{index}")
+            start = None
+    return ", ".join(groups)
 
 
 @dataclasses.dataclass
@@ -55,6 +73,32 @@ class SegmentationResult:
     def untaught_labels(self) -> List[str]:
         return [name for name, match in self.label_status.items() if not match.taught]
 
+    # label -> the decoder's predicted IoU on each slice, in the order of the image array along array_axis (NaN
+    # where the slice was not decoded): SAM's own quality estimate, shown as a confidence.
+    slice_confidence: "collections.OrderedDict[str, np.ndarray]" = dataclasses.field(default_factory=dict)
+    volume_context: str = "slices alone"
+    refined: dict = dataclasses.field(default_factory=dict)  # label -> array slice indices a correction rewrote
+
+    def confidence(self, label: str) -> Optional[float]:
+        """The label's confidence: the mean predicted IoU over the slices where its mask has voxels."""
+        scores = self._found_scores(label)
+        return float(np.mean(scores[1])) if scores[0].size else None
+
+    def slices_to_check(self, label: str) -> List[int]:
+        """Array slice indices where the label was found with a predicted IoU under CHECK_BELOW."""
+        indices, scores = self._found_scores(label)
+        return [int(i) for i, score in zip(indices, scores) if score < CHECK_BELOW]
+
+    def _found_scores(self, label):
+        scores = self.slice_confidence.get(label)
+        if scores is None:
+            return np.zeros(0, int), np.zeros(0)
+        array = sitk.GetArrayViewFromImage(self.masks[label])
+        other = tuple(a for a in range(array.ndim) if a != self.array_axis) if array.ndim == 3 else None
+        present = array.reshape(1, -1).any(1) if other is None else array.any(axis=other)
+        indices = np.flatnonzero(present & ~np.isnan(scores))
+        return indices, scores[indices]
+
     def summary(self) -> str:
         """One line: what was found (mapped and untaught labels marked), what was not, as labels.py words it."""
         found = []
@@ -67,6 +111,13 @@ class SegmentationResult:
                 details.insert(0, match.describe())
             elif match is not None and match.status == labels.UNTAUGHT:
                 details.append("untaught label: a guess")
+            if self.confidence(name) is not None:
+                details.append(f"confidence {self.confidence(name):.2f}")
+            check = self.slices_to_check(name)
+            if check:
+                details.append(f"check slice{'s' if len(check) > 1 else ''} {_ranges(check)}")
+            if name in self.refined:
+                details.append(f"corrected on slices {_ranges(self.refined[name])}")
             found.append(f"{name} ({', '.join(details)})")
         parts = [f"found {', '.join(found)}" if found else "no label found"]
         parts += labels.empty_report(self.empty_labels, self.untaught_labels)
@@ -85,21 +136,34 @@ def default_batch_size(device: torch.device) -> int:
     return 8 if device.type in ("cuda", "mps") else 1
 
 
+@dataclasses.dataclass
+class SliceLogits:
+    """What the slice loop leaves: per label an int8 logit volume in the image array's order (volume_context.py),
+    the predicted IoU per label and slice (slice order), and how the image was cut and mapped."""
+    image: sitk.Image
+    labels: List[str]
+    geometry: SliceGeometry
+    mapping: object
+    volumes: List[np.ndarray]
+    quality: np.ndarray
+    skipped: int
+    matches: list  # labels.LabelMatch per label: how the adapter knew each requested name
+    trained: List[str]  # the adapter's trained labels
+    precision: str  # what the encoder ran in
+
+
 @torch.inference_mode()
-def segment_image(model, image: sitk.Image, requested, axis: str = "auto", threshold: float = 0.5,
-                  intensity: str = "auto", window=None, batch_size: Optional[int] = None,
-                  progress: Optional[Progress] = None, cancel=None,
-                  probe_mm: Optional[float] = DEFAULT_PROBE_MM) -> SegmentationResult:
-    """Masks for the `requested` label names on `image` (2D/3D, scalar/RGB), named and matched to the adapter's
-    trained labels as labels.match_labels says. See the module docstring for the data flow. probe_mm: the spacing of
-    the first, sparse round of slices (sparse_slices.py); None encodes every slice."""
-    start = time.perf_counter()
+def slice_logits(model, image: sitk.Image, requested, axis: str = "auto", intensity: str = "auto", window=None,
+                 batch_size: Optional[int] = None, progress: Optional[Progress] = None, cancel=None,
+                 probe_mm: Optional[float] = DEFAULT_PROBE_MM, logit_threshold: float = 0.0) -> SliceLogits:
+    """The slice loop: the slices with signal that the sparse schedule picks encoded once and decoded for every
+    label's text token; the `requested` names are matched to the adapter's trained labels (labels.match_labels).
+    probe_mm: the spacing of the first, sparse round (sparse_slices.py; None: every slice); logit_threshold decides
+    which probes found something."""
     image = check_image(image)
     trained = model.labels.taught_names()
     matches = labels.match_labels(requested, trained)
     names = [match.name for match in matches]
-    if not 0.0 < float(threshold) < 1.0:
-        raise SSAMError(f"threshold {threshold} is outside (0, 1); use a probability such as 0.5")
     geometry = SliceGeometry.for_image(image, axis)
     mapping = choose_mapping(image, intensity, window)
     was_training = model.training
@@ -108,12 +172,12 @@ def segment_image(model, image: sitk.Image, requested, axis: str = "auto", thres
         model.merge()
     device, precision = model.device, model.precision
     tokens = model.prompt_tokens(model.text_embeddings(names))  # (N, 1, 256), once per image
-    logit_threshold = math.log(threshold / (1.0 - threshold))
     batch_size = batch_size or default_batch_size(device)
 
     source = geometry.canonical(sitk.GetArrayViewFromImage(image))
-    outputs = [np.zeros(geometry.shape, dtype=np.uint8) for _ in names]
+    outputs = [new_logit_volume(geometry.shape) for _ in names]  # int8 logits, later the masks in place
     targets = [geometry.canonical(out) for out in outputs]
+    quality = np.full((len(names), geometry.num_slices), np.nan, dtype=np.float32)
     spacing = geometry.in_plane_spacing()
     total, without_signal = geometry.num_slices, 0
     schedule = SliceSchedule(total, geometry.slice_spacing(), probe_mm)
@@ -129,7 +193,7 @@ def segment_image(model, image: sitk.Image, requested, axis: str = "auto", thres
                     else:
                         without_signal += 1
                 if batch:
-                    schedule.found.update(_segment_batch(model, batch, tokens, geometry, targets, spacing,
+                    schedule.found.update(_segment_batch(model, batch, tokens, geometry, targets, quality, spacing,
                                                          logit_threshold, precision))
                 if progress:
                     done = len(schedule.encoded) - len(indices) + min(first + batch_size, len(indices))
@@ -139,26 +203,57 @@ def segment_image(model, image: sitk.Image, requested, axis: str = "auto", thres
             model.train()
     if progress and schedule.skipped:  # the last round ended before the last slice
         progress(1.0, f"{total - schedule.skipped}/{total} slices encoded")
-
-    # Each mask array is dropped as soon as its image exists (GetImageFromArray copies): one label's array at a time
-    # in memory twice, not every label's (a 512 x 512 x 600 mask is 150 MB).
     del targets, source
-    masks, empty = collections.OrderedDict(), []
-    for index, name in enumerate(names):
-        out, outputs[index] = outputs[index], None
-        if not out.any():
-            empty.append(name)
-        mask = sitk.GetImageFromArray(out)
+    return SliceLogits(image, names, geometry, mapping, outputs, quality, schedule.skipped + without_signal,
+                       matches, trained, precision)
+
+
+def check_threshold(threshold) -> float:
+    """The probability threshold as a logit, checked."""
+    if not 0.0 < float(threshold) < 1.0:
+        raise SSAMError(f"threshold {threshold} is outside (0, 1); use a probability such as 0.5")
+    return math.log(threshold / (1.0 - threshold))
+
+
+def segment_image(model, image: sitk.Image, requested, axis: str = "auto", threshold: float = 0.5,
+                  intensity: str = "auto", window=None, batch_size: Optional[int] = None,
+                  progress: Optional[Progress] = None, cancel=None, context="auto",
+                  probe_mm: Optional[float] = DEFAULT_PROBE_MM) -> SegmentationResult:
+    """Masks for the `requested` label names on `image` (2D/3D, scalar/RGB), named and matched to the adapter's
+    trained labels as labels.match_labels says. See the module docstring for the data flow; context: "auto" (the
+    measured 3D consistency of volume_context.py), "off" (each slice alone) or a VolumeContext; probe_mm: see
+    slice_logits."""
+    start = time.perf_counter()
+    logit_threshold = check_threshold(threshold)
+    volume_context = VolumeContext.for_model(model, context)
+    decoded = slice_logits(model, image, requested, axis, intensity, window, batch_size, progress, cancel, probe_mm,
+                           logit_threshold)
+    return masks_from_logits(decoded, logit_threshold, volume_context, start, cancel)
+
+
+def masks_from_logits(decoded: SliceLogits, logit_threshold: float, volume_context: VolumeContext, start: float,
+                      cancel=None) -> SegmentationResult:
+    """The slice loop's logits -> the result's masks (in place: the logit volumes become the masks; each is dropped
+    once its image exists, so one label's array at a time is in memory twice)."""
+    geometry, masks, confidence = decoded.geometry, collections.OrderedDict(), collections.OrderedDict()
+    for index, (label, scores) in enumerate(zip(decoded.labels, decoded.quality)):
+        _check_cancel(cancel)
+        out, decoded.volumes[index] = decoded.volumes[index], None
+        mask = sitk.GetImageFromArray(logits_to_mask(out, geometry, logit_threshold, volume_context, label))
         del out
-        _copy_geometry(mask, image)
-        masks[name] = mask
-    return SegmentationResult(masks, empty, geometry.axis, geometry.array_axis, mapping.describe(), total,
-                              schedule.skipped + without_signal, time.perf_counter() - start,
+        _copy_geometry(mask, decoded.image)
+        masks[label] = mask
+        confidence[label] = geometry.array_order(scores)
+    empty = [label for label, mask in masks.items() if not sitk.GetArrayViewFromImage(mask).any()]
+    matches, trained = decoded.matches, decoded.trained
+    return SegmentationResult(masks, empty, geometry.axis, geometry.array_axis, decoded.mapping.describe(),
+                              geometry.num_slices, decoded.skipped, time.perf_counter() - start,
                               label_status=collections.OrderedDict((m.name, m) for m in matches),
-                              trained_labels=trained,
+                              trained_labels=list(trained),
                               notes=[line for line in [labels.mapping_note(matches)] if line],
                               warnings=[line for line in [labels.untaught_warning(matches, trained)] if line],
-                              precision=precision)
+                              precision=decoded.precision, slice_confidence=confidence,
+                              volume_context=volume_context.describe())
 
 
 def _copy_geometry(mask: sitk.Image, image: sitk.Image):
@@ -167,7 +262,7 @@ def _copy_geometry(mask: sitk.Image, image: sitk.Image):
     mask.SetDirection(image.GetDirection())
 
 
-def _segment_batch(model, batch, tokens, geometry, targets, spacing, logit_threshold, precision):
+def _segment_batch(model, batch, tokens, geometry, targets, quality, spacing, logit_threshold, precision):
     height, width = batch[0][1].shape[:2]
     device = model.device
     pixels = torch.from_numpy(np.stack([rgb for _, rgb in batch])).permute(0, 3, 1, 2).to(device)
@@ -178,13 +273,14 @@ def _segment_batch(model, batch, tokens, geometry, targets, spacing, logit_thres
     with autocast(device, precision if device.type != "cpu" else "float32"):
         embeddings = model.encode_images(inputs)
         # Every label of a slice shares that slice's embedding: (B*N) decoder inputs, no re-encoding.
-        logits = model.decode(embeddings.repeat_interleave(labels, dim=0), tokens.repeat(count, 1, 1))
+        logits, iou = model.decode(embeddings.repeat_interleave(labels, dim=0), tokens.repeat(count, 1, 1),
+                                   with_quality=True)
     logits = logits_to_slice(logits, model.image_size, content, (height, width))
-    masks = (logits[:, 0] > logit_threshold).to(torch.uint8).cpu().numpy().reshape(count, labels, height, width)
-    found = []
-    for (index, _), per_label in zip(batch, masks):
-        for target, mask in zip(targets, per_label):
-            geometry.slice_view(target, index)[...] = mask
-        if per_label.any():
-            found.append(index)
-    return found  # the slices on which some label was found
+    found = (logits[:, 0] > logit_threshold).reshape(count, labels, -1).any(-1).any(-1).cpu().numpy()
+    stored = quantize_logits(logits[:, 0]).reshape(count, labels, height, width)
+    iou = iou.float().cpu().numpy().reshape(count, labels)
+    for (index, _), per_label, scores in zip(batch, stored, iou):
+        quality[:, index] = scores
+        for target, logit_slice in zip(targets, per_label):
+            geometry.slice_view(target, index)[...] = logit_slice
+    return [index for (index, _), hit in zip(batch, found) if hit]  # the slices on which some label was found

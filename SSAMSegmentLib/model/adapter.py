@@ -26,6 +26,8 @@ def _metadata(model, training_summary):
         "text_dim": model.text_dim,
         "labels": [name for name, _ in model.labels.items(taught_only=True)],
         "tensors": list(model.trainable_names()),
+        # labels whose mask is one connected organ: volume_context.py keeps only their largest 3D component
+        "keep_largest": list(model.keep_largest),
         "training": training_summary or {},
     }
 
@@ -153,5 +155,6 @@ def load_adapter(model, path) -> dict:
     if model.merged:
         model.merge()
     model.adapter_metadata = metadata
+    model.keep_largest = [str(name) for name in metadata.get("keep_largest", [])]
     model.adapter_path = Path(path)  # what a DICOM SEG names (and hashes) as the algorithm's adapter
     return metadata

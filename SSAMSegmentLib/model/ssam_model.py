@@ -6,7 +6,7 @@ embedding to the working resolution, and adds the Text Affine Layer that turns a
 """
 
 from collections import OrderedDict
-from typing import Dict, List, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +53,7 @@ class SSAM(nn.Module):
         self.adapter_metadata = None  # the loaded adapter's header (adapter.py), None for an untrained model
         self.adapter_path = None  # the loaded adapter's file: what a DICOM SEG names (and hashes) as the algorithm's
         self.requested_precision = "auto"  # inference precision as asked (devices.PRECISIONS); see `precision`
+        self.keep_largest: List[str] = []  # labels that are one connected organ (saved in the adapter)
         self._fast_encoder = FastEncoderSlot()  # inference-only copy of the merged encoder; not part of the model
         for parameter in self.parameters():
             parameter.requires_grad_(False)
@@ -194,20 +195,44 @@ class SSAM(nn.Module):
                 return fast(images)
         return self.image_encoder(images)
 
-    def decode(self, image_embeddings: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """Mask logits (N, 1, h, w) for N prompt tokens, over N image embeddings or one shared by all tokens."""
-        count = tokens.shape[0]
-        dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(
-            count, -1, *self.prompt_encoder.image_embedding_size
-        )
-        logits, _ = self.mask_decoder(
+    def decode(self, image_embeddings: torch.Tensor, tokens: Optional[torch.Tensor] = None,
+               boxes: Optional[torch.Tensor] = None, points: Optional[torch.Tensor] = None,
+               point_labels: Optional[torch.Tensor] = None, with_quality: bool = False):
+        """Mask logits (N, 1, h, w) for N prompts, over N image embeddings or one shared by all prompts.
+
+        The one place any prompt reaches the mask decoder. A prompt is any mix of: `tokens` (N, k, 256) text tokens
+        (prompt_tokens), `boxes` (N, 4) as x0, y0, x1, y1 and `points` (N, P, 2) as x, y with `point_labels`
+        (N, P): 1 inside, 0 outside, both in pixels of the model's padded S x S input (model_coordinates in
+        inference/preprocessing.py). Boxes and points go through the base's own prompt encoder, as it was trained
+        (LiteMedSAM: boxes), and the text tokens are put in front of them. with_quality=True also returns the
+        decoder's predicted IoU (N,), SAM's own estimate of the mask's quality.
+        """
+        given = [t.shape[0] for t in (tokens, boxes, points) if t is not None]
+        if not given:
+            raise ValueError("decode needs text tokens, boxes or points")
+        if len(set(given)) != 1:
+            raise ValueError(f"prompt batch sizes differ: {given}")
+        count = given[0]
+        if boxes is not None or points is not None:
+            point_prompt = None if points is None else (points.to(self.device).float(),
+                                                        point_labels.to(self.device).float())
+            sparse, dense = self.prompt_encoder(points=point_prompt, masks=None,
+                                                boxes=None if boxes is None else boxes.to(self.device).float())
+            if tokens is not None:
+                sparse = torch.cat([tokens.to(sparse.dtype), sparse], dim=1)
+        else:
+            sparse = tokens
+            dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(
+                count, -1, *self.prompt_encoder.image_embedding_size
+            )
+        logits, quality = self.mask_decoder(
             image_embeddings=image_embeddings,
             image_pe=self.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=tokens.to(dense.dtype),
+            sparse_prompt_embeddings=sparse.to(dense.dtype),
             dense_prompt_embeddings=dense,
             multimask_output=False,
         )
-        return logits
+        return (logits, quality[:, 0]) if with_quality else logits
 
     def forward(self, images: torch.Tensor, labels: Union[Sequence[str], torch.Tensor], every_label: bool = False):
         """images (B, 3, S, S) preprocessed -> low-res logits over the padded S x S input.
@@ -225,15 +250,40 @@ class SSAM(nn.Module):
             raise ValueError(f"{images.shape[0]} images but {text.shape[0]} labels")
         return self.decode(embeddings, tokens)
 
-    def segment(self, image, labels, spacing=None, origin=None, direction=None, **options):
+    def segment(self, image, labels, spacing=None, origin=None, direction=None, boxes=None, points=None,
+                negative_points=None, **options):
         """Masks for `labels` on a SimpleITK image, or a numpy array ((z,) y, x[, 3]) with its geometry; options as
-        slice_inference.segment_image (axis, threshold, intensity, window, batch_size, progress, cancel)."""
+        slice_inference.segment_image (axis, threshold, intensity, window, batch_size, progress, cancel, context).
+
+        Corrections, in LPS millimetres, per label as {label: ...} (or the value alone for one label): boxes as two
+        opposite corners ((x0, y0, z0), (x1, y1, z1)), points inside and negative_points outside the structure as
+        lists of (x, y, z), all on one slice; each corrected label is re-decoded there with its text token and the
+        correction carried to the neighbouring slices (inference/refinement.py). result.refined names the slices.
+        """
         from ..files.image_io import image_from_array
+        from ..inference.refinement import apply_refinements, check_prompts, prompts_by_label
         from ..inference.slice_inference import segment_image
+        from .labels import parse_labels as unique_labels
 
         if not hasattr(image, "GetSize"):
             image = image_from_array(image, spacing, origin, direction)
-        return segment_image(self, image, labels, **options)
+        prompts = prompts_by_label(unique_labels(labels), boxes, points, negative_points)
+        if prompts:
+            check_prompts(image, prompts, options.get("axis", "auto"))
+        result = segment_image(self, image, labels, **options)
+        if prompts:
+            kept = {k: options[k] for k in ("intensity", "window", "threshold", "cancel") if k in options}
+            apply_refinements(self, image, result, prompts, **kept)
+        return result
+
+    def refine(self, image, label, mask=None, box=None, points=(), negative_points=(), **options):
+        """Correct one label's existing `mask` (a SimpleITK image on `image`'s grid, or None) with a box and/or
+        points in LPS millimetres on one slice; returns a Refinement (the new mask and the slices it rewrote).
+        Options as inference/refinement.refine (axis, intensity, window, threshold, use_text, carry, cancel)."""
+        from ..inference.physical_prompts import PhysicalPrompt
+        from ..inference.refinement import refine
+
+        return refine(self, image, label, PhysicalPrompt(box, list(points), list(negative_points)), mask, **options)
 
     # --- adapter ------------------------------------------------------------------------------------------------
 

@@ -337,7 +337,9 @@ def _segmentation_job(job: dict, folder: Path, events: _Events, cancel) -> dict:
         listed.append([label, name])
     return {"masks": listed, "empty_labels": list(result.empty_labels), "untaught_labels": result.untaught_labels,
             "label_status": {name: match.describe() for name, match in result.label_status.items()},
-            "notes": list(result.notes), "warnings": list(result.warnings), "summary": result.summary()}
+            "notes": list(result.notes), "warnings": list(result.warnings), "summary": result.summary(),
+            "confidence": {label: result.confidence(label) for label in result.masks},
+            "check_slices": {label: result.slices_to_check(label) for label in result.masks}}
 
 
 def _training_job(job: dict, folder: Path, events: _Events, cancel) -> dict:

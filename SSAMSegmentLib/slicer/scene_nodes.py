@@ -414,3 +414,88 @@ def training_case(volume_node, segmentation_node, labels: Optional[Sequence[str]
     masks = segment_masks(segmentation_node, volume_node, [sid for sid, _ in names])
     case_id = f"{volume_node.GetName()}|{segmentation_node.GetName()}"
     return case_id, image_from_volume_node(volume_node), masks
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Corrections: markups as prompts, one segment rewritten with undo, confidence as segment tags
+
+CONFIDENCE_TAG = "SSAMSegment.Confidence"  # the mean predicted IoU of the segment's slices, e.g. "0.83"
+CHECK_SLICES_TAG = "SSAMSegment.SlicesToCheck"  # volume slice indices (along the cut axis) to review, e.g. "3-5, 9"
+
+
+def _world_to_volume_lps(volume_node):
+    """A function from world RAS points to the volume's own LPS frame (the frame of image_from_volume_node), through
+    whatever transform the volume sits under."""
+    import slicer
+    import vtk
+
+    transform = vtk.vtkGeneralTransform()
+    slicer.vtkMRMLTransformNode.GetTransformBetweenNodes(None, volume_node.GetParentTransformNode(), transform)
+
+    def convert(ras):
+        x, y, z = transform.TransformPoint([float(v) for v in ras[:3]])
+        return -x, -y, z
+
+    return convert
+
+
+def markups_prompt(volume_node, roi_node=None, points_node=None, negative_points_node=None):
+    """A PhysicalPrompt (LPS mm, the volume's frame) from a Markups ROI (its box in world coordinates) and point
+    lists placed on the volume (inside and outside the structure). An ROI turned against the world axes gives the
+    box around its 8 corners."""
+    from ..inference.physical_prompts import PhysicalPrompt
+
+    to_lps = _world_to_volume_lps(volume_node)
+    box = None
+    if roi_node is not None:
+        bounds = [0.0] * 6
+        roi_node.GetRASBounds(bounds)  # world-axis-aligned bounds of the (possibly rotated) ROI
+        corners = np.array([to_lps((x, y, z)) for x in bounds[0:2] for y in bounds[2:4] for z in bounds[4:6]])
+        box = (tuple(corners.min(0)), tuple(corners.max(0)))
+
+    def positions(node):
+        if node is None:
+            return []
+        result = []
+        for index in range(node.GetNumberOfControlPoints()):
+            point = [0.0, 0.0, 0.0]
+            node.GetNthControlPointPositionWorld(index, point)
+            result.append(to_lps(point))
+        return result
+
+    prompt = PhysicalPrompt(box, positions(points_node), positions(negative_points_node))
+    if not prompt:
+        raise SSAMError("place a Markups ROI or points on the volume to correct the segment with")
+    return prompt
+
+
+def replace_segment_mask(segmentation_node, volume_node, segment_id: str, mask: sitk.Image,
+                         image: Optional[sitk.Image] = None, save_state=None) -> None:
+    """Replace one segment's voxels with `mask` (on the volume's grid); no other segment changes. `save_state` is
+    called just before the change (the segment editor's saveStateForUndo, so its Undo restores the segment)."""
+    import slicer
+
+    ensure_segmentation_support(segmentation_node.GetScene())
+    segmentation = segmentation_node.GetSegmentation()
+    segment = segmentation.GetSegment(segment_id)
+    if segment is None:
+        raise SSAMError(f"segmentation '{segmentation_node.GetName()}' has no segment '{segment_id}'")
+    array = _mask_on_volume_grid(segment.GetName(), mask, volume_node, image)
+    image_to_world = _volume_to_segmentation_matrix(volume_node, segmentation_node) @ ijk_to_ras(volume_node)
+    oriented = _oriented_image(array, image_to_world)
+    if save_state is not None:
+        save_state()
+    if not slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
+            oriented, segmentation_node, segment_id, slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE):
+        raise SSAMError(f"could not write the corrected mask of '{segment.GetName()}'")
+
+
+def tag_confidence(segmentation_node, segment_id: str, confidence: Optional[float], check_slices=()) -> None:
+    """Record a segment's confidence and the slices a user should check as segment tags (shown in the module)."""
+    from ..inference.slice_inference import _ranges
+
+    segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
+    if segment is None:
+        return
+    segment.SetTag(CONFIDENCE_TAG, "" if confidence is None else f"{confidence:.2f}")
+    segment.SetTag(CHECK_SLICES_TAG, _ranges(list(check_slices)))

@@ -65,6 +65,7 @@ class TrainingConfig:
     val_data: object = None  # validation dataset(s) instead of a split of `data`
     micro_batch: Optional[int] = None  # slices per forward/backward pass; default 1 on CPU, batch_size on GPU
     tune: str = "ssam"  # "ssam": the full S-SAM set; "norms": a, b frozen (the paper's ablation baseline)
+    keep_largest: Optional[List[str]] = None  # labels that are one connected organ, recorded in the adapter
 
     def checkpoint_path(self) -> Path:
         if self.checkpoint:
@@ -461,6 +462,7 @@ def train(config: TrainingConfig, progress: Optional[Callable[[TrainingProgress]
         raise SSAMError(f"batch size {batch_size} is smaller than the {world} training processes")
     text = model.text_embeddings(labels)  # encoded once; stored in the adapter
     model.labels.mark_taught(labels)
+    model.keep_largest = list(config.keep_largest or [])
     if config.tune == "norms":
         model.freeze_singular_values()
 

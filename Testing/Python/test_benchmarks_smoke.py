@@ -61,3 +61,12 @@ def test_segment_and_training_benchmarks_on_real_ct(data_dir, tmp_path):
     for row in ("S-SAM, micro-batch 1", "norms-only, micro-batch 2"):
         assert row in output and row in body
     assert "samples / s" in body
+
+
+@pytest.mark.slow
+@pytest.mark.data
+def test_volume_context_measurement_on_the_three_slice_ct(data_dir, tmp_path):
+    docs = tmp_path / "benchmarks.md"
+    output = _run("measure_volume_context.py", str(data_dir), "--cases", "dcmqi", docs=docs)
+    body = _section(docs, "volume-context")
+    assert "slices alone" in body and "default: " in body and "dcmqi (manual liver): liver" in output

@@ -126,6 +126,10 @@ def _bad_inputs(tmp_path, adapter):
         "unsupported output": (["segment", ok, "--label", "organ", "--adapter", adapter, "--output", tmp_path / "out.png"], "unsupported type"),
         "empty label": (["segment", ok, "--label", " ", "--adapter", adapter, "--output", out], "label"),
         "bad window": (["segment", ok, "--label", "organ", "--adapter", adapter, "--output", out, "--window", "40"], "LEVEL,WIDTH"),
+        "box outside the image": (["segment", ok, "--label", "organ", "--adapter", adapter, "--output", out, "--box", "900,900,0,950,950,1"], "outside the image"),
+        "box of 3 numbers": (["segment", ok, "--label", "organ", "--adapter", adapter, "--output", out, "--box", "1,2,3"], "6 numbers"),
+        "point for another label": (["segment", ok, "--label", "organ", "--adapter", adapter, "--output", out, "--point", "vessel=10,0,50"], "not among --label"),
+        "box-only without a box": (["segment", ok, "--label", "organ", "--adapter", adapter, "--output", out, "--box-only"], "needs a --box"),
     }
 
 
@@ -138,6 +142,18 @@ def test_bad_inputs_fail_with_one_line_exit_2_and_no_output(adapter, tmp_path):
         assert len(lines) == 1 and "Traceback" not in run.stderr, (case, run.stderr[-1500:])
         assert lines[0].startswith("ssam segment: error:") and expected in lines[0], (case, lines[0])
         assert set(tmp_path.rglob("*")) == before, (case, set(tmp_path.rglob("*")) - before)
+
+
+def test_segment_with_a_box_and_points_in_lps_millimetres(adapter, tmp_path):
+    image = _volume(tmp_path / "ct.nii.gz")
+    corner = lambda index: ",".join(f"{v:g}" for v in image.TransformIndexToPhysicalPoint(index))  # noqa: E731
+    out = tmp_path / "ct.seg.nrrd"
+    run = ssam("segment", tmp_path / "ct.nii.gz", "--label", "organ", "--label", "vessel", "--adapter", adapter,
+               "--output", out, "--box", f"organ={corner((8, 10, 4))},{corner((27, 29, 4))}",
+               "--point", f"organ={corner((18, 20, 4))}", "--negative-point", f"organ={corner((2, 2, 4))}")
+    assert run.returncode == 0, run.stderr
+    assert "organ (" in run.stdout and "corrected on slices" in run.stdout and "confidence" in run.stdout
+    assert "LPS" in ssam("segment", "--help").stdout
 
 
 def test_ctrl_c_stops_and_writes_nothing(adapter, tmp_path):

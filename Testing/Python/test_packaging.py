@@ -255,7 +255,8 @@ def test_ui_file_is_a_slicer_module_panel():
     assert {cls for cls in used if cls.startswith(("q", "ctk"))} <= declared
     receivers = {c.find("receiver").text for c in root.iter("connection")
                  if c.find("signal").text == "mrmlSceneChanged(vtkMRMLScene*)"}
-    node_combos = {name for name, (cls, _p) in ui_widgets().items() if cls == "qMRMLNodeComboBox"}
+    node_combos = {name for name, (cls, _p) in ui_widgets().items()
+                   if cls in ("qMRMLNodeComboBox", "qMRMLSegmentSelectorWidget")}
     assert receivers == node_combos, "every node selector must receive the scene"
     selector = next(w for w in root.iter("widget") if w.get("name") == "inputVolumeSelector")
     types = [s.text for p in selector.findall("property") if p.get("name") == "nodeTypes" for s in p.iter("string")]

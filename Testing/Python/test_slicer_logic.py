@@ -752,3 +752,95 @@ def test_masks_of_a_picture_go_back_on_its_one_slice_grid(scene, data_dir):
     assert_segment_equals(segmentation, ids["polyp"], volume, polyp[None].astype(np.uint8))
     case_id, case_image, masks = slicer_nodes.training_case(volume, segmentation)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(masks["polyp"]), polyp.astype(np.uint8))
+
+
+# --- corrections: markups, one segment, undo, cancel, confidence tags ---------------------------------------------
+
+
+def test_markups_become_lps_prompts_on_the_voxels_they_mark(scene):
+    """A point list and an ROI placed in world coordinates, on an oblique volume under a transform."""
+    from SSAMSegmentLib.inference.physical_prompts import PhysicalPrompt
+
+    volume = add_volume(scene, np.zeros((6, 20, 24), np.int16), oblique_matrix())
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    moved = np.eye(4)
+    moved[:3, :3] = np.array([[0.0, -1, 0], [1, 0, 0], [0, 0, 1]])
+    moved[:3, 3] = (5.0, -7.0, 11.0)
+    transform.SetMatrixTransformToParent(matrix_to_vtk(moved))
+    volume.SetAndObserveTransformNodeID(transform.GetID())
+    world = lambda ijk: (moved @ slicer_nodes.ijk_to_ras(volume) @ np.array([*ijk, 1.0]))[:3]  # noqa: E731
+    points = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode")
+    negatives = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode")
+    for voxel in ((3, 4, 2), (20, 15, 5)):
+        points.AddControlPointWorld(vtk.vtkVector3d(*world(voxel)))
+    negatives.AddControlPointWorld(vtk.vtkVector3d(*world((10, 10, 1))))
+    prompt = slicer_nodes.markups_prompt(volume, None, points, negatives)
+    image = slicer_nodes.image_from_volume_node(volume)
+    assert [image.TransformPhysicalPointToIndex(p) for p in prompt.points] == [(3, 4, 2), (20, 15, 5)]
+    assert image.TransformPhysicalPointToIndex(prompt.negative_points[0]) == (10, 10, 1)
+
+    plain = add_volume(scene, np.zeros((6, 20, 24), np.int16), np.diag([0.8, 0.9, 2.0, 1.0]), "plain")
+    roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode")
+    roi.SetCenterWorld(8.0, 9.0, 5.0)
+    roi.SetSizeWorld(4.0, 6.0, 2.0)
+    box = slicer_nodes.markups_prompt(plain, roi).box
+    np.testing.assert_allclose(box, ((-10.0, -12.0, 4.0), (-6.0, -6.0, 6.0)))  # RAS x, y negated: LPS
+    with pytest.raises(SSAMError, match="place a Markups ROI or points"):
+        slicer_nodes.markups_prompt(plain)
+    assert not PhysicalPrompt()
+
+
+def _segmented_phantom(scene, logic):
+    volume = phantom(scene)
+    segmentation, ids, result = logic.segment(volume, ["liver", "spleen"], **TINY)
+    return volume, segmentation, ids, result
+
+
+def _segment_array(segmentation, volume, segment_id):
+    name = segmentation.GetSegmentation().GetSegment(segment_id).GetName()
+    return sitk.GetArrayFromImage(slicer_nodes.segment_masks(segmentation, volume, [segment_id])[name])
+
+
+def test_refine_rewrites_one_segment_on_its_slices_and_undo_restores_it(scene, logic):
+    volume, segmentation, ids, result = _segmented_phantom(scene, logic)
+    segment = segmentation.GetSegmentation().GetSegment(ids["liver"])
+    tag = vtk.reference("")
+    assert segment.GetTag(slicer_nodes.CONFIDENCE_TAG, tag)  # the confidence is shown as a tag
+    confidence = result.confidence("liver")
+    assert tag.get() == ("" if confidence is None else f"{confidence:.2f}")
+    before = {label: _segment_array(segmentation, volume, sid) for label, sid in ids.items()}
+    ras = lambda ijk: (slicer_nodes.ijk_to_ras(volume) @ np.array([*ijk, 1.0]))[:3]  # noqa: E731
+    roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode")
+    low, high = ras((12, 10, 3)), ras((34, 32, 3))
+    roi.SetCenterWorld(*((low + high) / 2))
+    roi.SetSizeWorld(*(np.abs(high - low) + np.array([0, 0, 1.0])))  # within one slice: carried to the others
+    history = slicer.vtkSegmentationHistory()  # what the segment editor's Undo works from
+    history.SetSegmentation(segmentation.GetSegmentation())
+    refinement = logic.refine(volume, segmentation, ids["liver"], roiNode=roi, saveState=history.SaveState, **TINY)
+    assert 3 in refinement.slices
+    after = {label: _segment_array(segmentation, volume, sid) for label, sid in ids.items()}
+    np.testing.assert_array_equal(after["spleen"], before["spleen"])
+    changed = set(np.flatnonzero((after["liver"] != before["liver"]).any(axis=(1, 2))))
+    assert changed <= set(refinement.slices)
+    np.testing.assert_array_equal(after["liver"], sitk.GetArrayFromImage(refinement.mask))
+    assert history.IsRestorePreviousStateAvailable()
+    history.RestorePreviousState()
+    np.testing.assert_array_equal(_segment_array(segmentation, volume, ids["liver"]), before["liver"])
+
+
+def test_cancelled_refine_leaves_the_segment_unchanged(scene, logic):
+    volume, segmentation, ids, _ = _segmented_phantom(scene, logic)
+    before = _segment_array(segmentation, volume, ids["liver"])
+    points = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode")
+    points.AddControlPointWorld(vtk.vtkVector3d(*(slicer_nodes.ijk_to_ras(volume) @ np.array([22, 24, 3, 1.0]))[:3]))
+    saved = []
+
+    class CancelAtOnce:
+        def is_set(self):
+            return True
+
+    with pytest.raises(Cancelled):
+        logic.refine(volume, segmentation, ids["liver"], pointsNode=points, saveState=lambda: saved.append(1),
+                     cancel=CancelAtOnce(), **TINY)
+    np.testing.assert_array_equal(_segment_array(segmentation, volume, ids["liver"]), before)
+    assert not saved  # no undo step for a change that never happened

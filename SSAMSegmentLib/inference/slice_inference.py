@@ -50,7 +50,13 @@ class SegmentationResult:
 def unique_labels(labels) -> List[str]:
     if isinstance(labels, str):
         labels = [labels]
-    cleaned = [str(label).strip() for label in labels or []]
+    try:
+        labels = list(labels) if labels is not None else []
+    except TypeError:
+        labels = [labels]
+    if not all(isinstance(label, str) for label in labels):
+        raise SSAMError(f"labels {labels!r} are not label names; give a name or a list of names, e.g. ['liver']")
+    cleaned = [label.strip() for label in labels or []]
     if not cleaned or not all(cleaned):
         raise SSAMError("no label name given; name the structure to segment, e.g. --label liver")
     seen, result = set(), []
@@ -59,6 +65,17 @@ def unique_labels(labels) -> List[str]:
             seen.add(label_key(label))
             result.append(label)
     return result
+
+
+def check_threshold(threshold) -> float:
+    """The mask probability threshold, strictly between 0 and 1 (NaN and non-numbers refused)."""
+    try:
+        value = float(threshold)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not 0.0 < value < 1.0:
+        raise SSAMError(f"threshold {threshold} is not a probability in (0, 1); use e.g. --threshold 0.5")
+    return value
 
 
 def _check_cancel(cancel):
@@ -79,8 +96,7 @@ def segment_image(model, image: sitk.Image, labels, axis: str = "auto", threshol
     start = time.perf_counter()
     image = check_image(image)
     labels = unique_labels(labels)
-    if not 0.0 < float(threshold) < 1.0:
-        raise SSAMError(f"threshold {threshold} is outside (0, 1); use a probability such as 0.5")
+    check_threshold(threshold)
     geometry = SliceGeometry.for_image(image, axis)
     mapping = choose_mapping(image, intensity, window)
     was_training = model.training

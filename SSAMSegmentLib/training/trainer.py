@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..files.atomic_file import atomic_output, check_writable
+from ..files.atomic_file import atomic_output
 from ..model.devices import autocast, autocast_dtype, select_device
 from ..errors import Cancelled, SSAMError
 from .losses import ssam_loss
@@ -54,6 +54,64 @@ class TrainingConfig:
     micro_batch: Optional[int] = None  # slices per forward/backward pass; default 1 on CPU, batch_size on GPU
     tune: str = "ssam"  # "ssam": the full S-SAM set; "norms": a, b frozen (the paper's ablation baseline)
     lr_singular_values: Optional[float] = None  # learning rate of the scales and shifts (default: lr)
+    overwrite: bool = False  # replace an existing adapter and checkpoint (resuming a run's own checkpoint does)
+
+    def check(self) -> "TrainingConfig":
+        """Every number and choice, before any work: one SSAMError naming the first bad one."""
+        from ..inference.slice_geometry import AXES
+
+        def whole(name, value, least, optional=False):
+            if optional and value is None:
+                return
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise SSAMError(f"--{name.replace('_', '-')} {value} must be a whole number of at least {least}")
+
+        def positive(name, value, optional=False, zero=False):
+            if optional and value is None:
+                return
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if not ok or value < 0 or (value == 0 and not zero):
+                raise SSAMError(f"--{name.replace('_', '-')} {value} must be a finite number above 0"
+                                + (" (or 0)" if zero else "") + "; e.g. --lr 1e-4")
+
+        whole("epochs", self.epochs, 1)
+        whole("max_steps", self.max_steps, 1, optional=True)
+        whole("batch_size", self.batch_size, 1)
+        whole("micro_batch", self.micro_batch, 1, optional=True)
+        whole("seed", self.seed, 0)
+        whole("image_size", self.image_size, 16, optional=True)
+        if self.image_size is not None and self.image_size % 16:
+            raise SSAMError(f"--image-size {self.image_size} must be a multiple of 16, e.g. 256")
+        if self.micro_batch is not None and self.micro_batch > self.batch_size:
+            raise SSAMError(f"--micro-batch {self.micro_batch} is larger than --batch-size {self.batch_size}")
+        positive("lr", self.lr)
+        positive("lr_singular_values", self.lr_singular_values, optional=True)
+        positive("weight_decay", self.weight_decay, zero=True)
+        if not (isinstance(self.val_fraction, (int, float)) and 0 <= self.val_fraction < 1):
+            raise SSAMError(f"--val-fraction {self.val_fraction} must be at least 0 and below 1, e.g. 0.2")
+        if self.tune not in ("ssam", "norms"):
+            raise SSAMError(f"unknown tuning '{self.tune}'; use ssam (singular values + norms) or norms")
+        if self.axis not in AXES:
+            raise SSAMError(f"unknown slice axis '{self.axis}'; use one of: {', '.join(AXES)}")
+        if self.resume and not Path(self.resume).expanduser().is_file():
+            raise SSAMError(f"checkpoint {self.resume} does not exist; give the .checkpoint.safetensors file a run "
+                            f"left behind")
+        return self
+
+    def check_outputs(self, also=()) -> List[Path]:
+        """The adapter, the checkpoint (and `also`, e.g. the command line's metrics): checked like every output set.
+        Resuming a run's own checkpoint continues that run, so its adapter and checkpoint may be replaced."""
+        from ..files.atomic_file import check_outputs
+
+        given = [self.output, self.checkpoint_path(), *also]
+        if any(not isinstance(p, (str, os.PathLike)) or not str(p).strip() for p in given):
+            raise SSAMError(f"training output {self.output!r} is not a file path; give e.g. my.adapter.safetensors")
+        own_checkpoint = bool(self.resume) and os.path.realpath(str(self.resume)) == os.path.realpath(
+            str(self.checkpoint_path()))
+        folders = [item for source in (self.data, self.val_data)
+                   for item in (source if isinstance(source, (list, tuple)) else [source])
+                   if isinstance(item, (str, os.PathLike))]
+        return check_outputs(given, inputs=folders, overwrite=self.overwrite or own_checkpoint)
 
     def checkpoint_path(self) -> Path:
         if self.checkpoint:
@@ -400,14 +458,10 @@ def train(config: TrainingConfig, progress: Optional[Callable[[TrainingProgress]
     started = time.time()
     rank, world = _distributed()
     report = progress if (progress and rank == 0) else (lambda update: None)
-    output = check_writable(config.output)
-    checkpoint_path = check_writable(config.checkpoint_path())
+    config.check()
+    output, checkpoint_path = config.check_outputs()[:2]
     if config.batch_size < world:
         raise SSAMError(f"batch size {config.batch_size} is smaller than the {world} training processes")
-    if config.epochs < 1:
-        raise SSAMError("--epochs must be at least 1")
-    if config.tune not in ("ssam", "norms"):
-        raise SSAMError(f"unknown tuning '{config.tune}'; use ssam (singular values + norms) or norms")
     dataset, train_cases, val_cases = _prepare_data(config)
     labels = dataset.label_names
     device = select_device(config.device)
@@ -433,7 +487,7 @@ def train(config: TrainingConfig, progress: Optional[Callable[[TrainingProgress]
     weights = _balance_weights(train_bank) if config.balanced else None
     steps_per_epoch = math.ceil(len(train_bank) / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
-    if config.max_steps:
+    if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
 
     micro_batch = config.micro_batch or (1 if device.type == "cpu" else config.batch_size)

@@ -5,18 +5,9 @@ Ctrl-C at any moment (the start-up imports included) into one line and exit code
 work (never an input, never an existing file without --overwrite) and writes them only when the work is complete.
 """
 
-import argparse
 import os
 import signal
 import sys
-
-# OpenMP threads that wait by spinning make PyTorch several times slower whenever another process holds a core
-# (a second job, a browser): wait passively. Set before torch is imported.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-from . import __version__
-from .errors import SSAMError
-from .files.atomic_file import add_overwrite_argument
 
 CANCELLED_EXIT_CODE = 130
 
@@ -27,8 +18,17 @@ def _cancelled_at_start_up(signum, frame):
     os._exit(CANCELLED_EXIT_CODE)
 
 
-if __name__ == "__main__":  # `python -m SSAMSegmentLib.cli`: from the first line; `ssam` installs it in main()
+if __name__ == "__main__":  # `python -m SSAMSegmentLib.cli`: before any other import; `ssam` installs it in main()
     signal.signal(signal.SIGINT, _cancelled_at_start_up)
+
+import argparse  # noqa: E402  (after the Ctrl-C handler, like every import below)
+
+# OpenMP threads that wait by spinning make PyTorch several times slower whenever another process holds a core
+# (a second job, a browser): wait passively. Set before torch is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from . import __version__  # noqa: E402
+from .errors import SSAMError  # noqa: E402
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -163,6 +163,7 @@ def _demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .files.atomic_file import add_overwrite_argument
     from .training import evaluation
     from . import training_cli
     from .model.bases import BASES
@@ -226,18 +227,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _one_line_notes(command_name):
-    """Our notes (a chosen DICOM series, a replaced spacing) as one `note:` line each; other libraries' warnings
-    (PyTorch, ITK through Python) are not for the user of a command and add no lines."""
+def _one_line_notes(command_name, held):
+    """Our notes (a chosen DICOM series, a replaced spacing) are held and said, one `note:` line each, when the
+    command succeeds: a failed command says only its error. Other libraries' warnings (PyTorch, ITK through Python)
+    are not for the user of a command and add no lines."""
     import warnings
 
     from .errors import SSAMNote
 
-    def show(message, category, filename, lineno, file=None, line=None):
+    def hold(message, category, filename, lineno, file=None, line=None):
         if issubclass(category, SSAMNote):
-            print(f"{command_name()}: note: {message}", file=sys.stderr, flush=True)
+            held.append(f"{command_name()}: note: {message}")
 
-    warnings.showwarning = show
+    warnings.showwarning = hold
     warnings.simplefilter("always", SSAMNote)
 
 
@@ -248,13 +250,17 @@ def main(argv=None) -> int:
     if previous is signal.default_int_handler:  # not where a host (or `python -m`) installed its own handler
         signal.signal(signal.SIGINT, _cancelled_at_start_up)
     command = ["ssam"]  # named once the arguments are parsed
+    notes = []
     with warnings.catch_warnings():
-        _one_line_notes(lambda: command[0])
+        _one_line_notes(lambda: command[0], notes)
         try:
             args = build_parser().parse_args(argv)
             command[0] = f"ssam {args.command}"
             signal.signal(signal.SIGINT, signal.default_int_handler)  # from here Ctrl-C cleans up what it stops
-            return int(args.run(args) or 0)
+            code = int(args.run(args) or 0)
+            for line in notes:
+                print(line, file=sys.stderr)
+            return code
         except SSAMError as error:
             print(f"{command[0]}: error: {error}", file=sys.stderr)
             return error.exit_code

@@ -98,22 +98,32 @@ def _nuclei_tile(folder: Path) -> tuple:
     return path, mask
 
 
-def _segment(model, image: Path, labels, folder: Path, stem: str):
+def _outputs(folder: Path, stem: str):
+    return folder / f"{stem}.seg.nrrd", folder / f"{stem}.preview.png"
+
+
+def _segment(model, image: Path, labels, folder: Path, stem: str, overwrite: bool):
     from .inference.segment_files import segment_file
 
-    result = segment_file(model, image, labels, folder / f"{stem}.seg.nrrd", preview=folder / f"{stem}.preview.png")
+    output, preview = _outputs(folder, stem)
+    result = segment_file(model, image, labels, output, preview=preview, overwrite=overwrite)
     print(f"result       {result.summary()}")
     for path in result.outputs:
         print(f"wrote        {path.resolve()}")
     return result
 
 
-def run_demo(output_folder="ssam-demo", device="auto") -> int:
+def run_demo(output_folder="ssam-demo", device="auto", overwrite=False) -> int:
+    from .files.atomic_file import check_outputs
     from .training.evaluation import label_metrics
     from .model.loading import load
 
     start = time.perf_counter()
-    folder = Path(output_folder)
+    folder = Path(output_folder).expanduser()
+    ct = ct_image()
+    # All the demo's files are checked before any work: a second run asks for --overwrite rather than replacing them.
+    check_outputs([folder / "nuclei_tile.nrrd", *_outputs(folder, "nuclei_tile"), *_outputs(folder, "CT_small")],
+                  inputs=[ct], overwrite=overwrite)
     model = load(adapter="default", device=device, merge=True)
     print(f"model        {model.spec.id} + default adapter ({len(model.labels.known_names())} labels: "
           f"{', '.join(model.labels.known_names())})")
@@ -126,16 +136,15 @@ def run_demo(output_folder="ssam-demo", device="auto") -> int:
         print(f"\nimage 1      {tile.resolve()} (fluorescence nuclei, DSB2018 via the stardist wheel; "
               f"a tile not used in training)")
         print("labels       nucleus")
-        nuclei = _segment(model, tile, ["nucleus"], folder, "nuclei_tile")
+        nuclei = _segment(model, tile, ["nucleus"], folder, "nuclei_tile", overwrite)
         found = sitk.GetArrayViewFromImage(nuclei.masks["nucleus"])
         dice = label_metrics(found, manual, (1.0, 1.0))["dice"]
         print(f"check        Dice {dice:.3f} against the manual nucleus mask")
 
-    ct = ct_image()
     labels = [label for label in CT_LABELS if model.labels.knows(label)] or model.labels.known_names()[:3]
     print(f"\nimage 2      {ct} (real chest CT slice from the pydicom package, a close-up of one vertebra)")
     print(f"labels       {', '.join(labels)}")
-    _segment(model, ct, labels, folder, "CT_small")
+    _segment(model, ct, labels, folder, "CT_small", overwrite)
     print(f"\ndone in {time.perf_counter() - start:.1f} s; open each .seg.nrrd in 3D Slicer with its image, or look at "
           f"the preview PNGs. An empty mask means the label was not found: a valid answer, not an error.")
     return 0

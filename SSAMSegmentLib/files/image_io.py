@@ -148,16 +148,17 @@ def _slice_positions(names) -> Optional[np.ndarray]:
 
 
 def _read_dicom_series(folder: Path, allow_gaps: bool = False, series: Optional[str] = None) -> sitk.Image:
-    """A DICOM series folder -> one volume. Missing or unreadable slices are found from the slice positions: refused,
-    or with `allow_gaps` kept as empty slices at their true position (the grid keeps the real slice spacing)."""
+    """A DICOM series folder -> one volume. Missing or unreadable slices are found from the slice positions (before
+    any pixel is read): refused, or with `allow_gaps` kept as empty slices at their true position (the grid keeps
+    the real slice spacing)."""
     uid, names, all_series = _choose_series(folder, series)
+    positions = _slice_positions(names) if len(names) > 2 else None
+    slots = _slice_slots(folder, positions, all_series, allow_gaps) if positions is not None else None
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(names)
     image = reader.Execute()
-    if len(names) > 1:
-        positions = _slice_positions(names)
-        if positions is not None:
-            image = _place_slices(image, folder, positions, all_series, uid, allow_gaps)
+    if slots is not None:
+        image = _with_gaps(image, folder, *slots)
     first = _dicom_header(names[0])
     pixel_spacing = _numbers(first, "0028|0030")
     if not pixel_spacing or len(pixel_spacing) != 2 or min(pixel_spacing) <= 0:
@@ -165,18 +166,20 @@ def _read_dicom_series(folder: Path, allow_gaps: bool = False, series: Optional[
     return image
 
 
-def _place_slices(image, folder, positions, all_series, uid, allow_gaps) -> sitk.Image:
+def _slice_slots(folder, positions, all_series, allow_gaps):
+    """None for an evenly spaced series; else (slot of each file, slice step) or a refusal naming the gap."""
     order = np.argsort(positions)
-    if not np.array_equal(order, np.arange(len(positions))) and not np.array_equal(order, np.arange(len(positions))[::-1]):
-        return image  # GDCM sorted by something other than position (e.g. a time series): leave its order
+    ascending = np.array_equal(order, np.arange(len(positions)))
+    if not ascending and not np.array_equal(order, np.arange(len(positions))[::-1]):
+        return None  # GDCM sorted by something other than position (e.g. a time series): leave its order
     steps = np.abs(np.diff(positions))
     if np.any(steps < 1e-3):
         raise SSAMError(f"{folder}: two files of the DICOM series are at the same slice position; keep one copy "
                         f"of each slice (or one acquisition per folder)")
     step = float(steps.min())
     if steps.max() <= 1.5 * step:
-        return image
-    missing = int(round(float(np.sum(np.round(steps / step) - 1))))
+        return None
+    missing = int(np.sum(np.round(steps / step) - 1))
     where = int(np.argmax(steps))
     loose = sum(1 for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")) - sum(
         len(names) for names in all_series.values())
@@ -185,10 +188,15 @@ def _place_slices(image, folder, positions, all_series, uid, allow_gaps) -> sitk
         raise SSAMError(f"DICOM series in {folder} has a gap: about {missing} slice(s) missing (the largest gap "
                         f"{steps[where]:.1f} mm after slice {where + 1}, where slices are {step:.1f} mm apart"
                         f"{unreadable}); restore the missing files, or add --allow-gaps to keep the gap empty")
+    return np.round(np.abs(positions - positions[0]) / step).astype(int), step
+
+
+def _with_gaps(image: sitk.Image, folder: Path, slots: np.ndarray, step: float) -> sitk.Image:
+    """The series' slices at their slots of an evenly spaced grid; the missing ones filled with the lowest value
+    (a constant slice, which segmentation leaves empty)."""
     array = sitk.GetArrayFromImage(image)
-    index = np.round(np.abs(positions - positions[0]) / step).astype(int)
-    filled = np.full((int(index[-1]) + 1,) + array.shape[1:], array.min(), dtype=array.dtype)
-    filled[index] = array
+    filled = np.full((int(slots[-1]) + 1,) + array.shape[1:], array.min(), dtype=array.dtype)
+    filled[slots] = array
     placed = sitk.GetImageFromArray(filled, isVector=image.GetNumberOfComponentsPerPixel() > 1)
     placed.SetOrigin(image.GetOrigin())
     placed.SetDirection(image.GetDirection())
@@ -230,9 +238,10 @@ def read_image(path, allow_gaps: bool = False, series: Optional[str] = None) -> 
         ) from None
     if path.is_file() and is_truncated(path):
         raise SSAMError(f"{path} is truncated (the file ends before its last voxel); copy or export it again")
+    image = check_image(image, str(path))
     if path.is_file() and path.name.lower().endswith((".nii", ".nii.gz")):
         _nifti_spacing_note(path, image)
-    return check_image(image, str(path))
+    return image
 
 
 def check_image(image: sitk.Image, name: str = "image") -> sitk.Image:

@@ -169,6 +169,18 @@ def test_eta_is_reported_and_max_steps_is_honoured(disks, tmp_path):
     assert all(u.eta_seconds is not None and u.eta_seconds >= 0 for u in steps)
 
 
+def test_a_finished_run_is_replaced_only_with_overwrite(disks, tmp_path):
+    config = _config(disks, tmp_path, epochs=1, max_steps=1)
+    first = train(config)
+    files = sorted(first.adapter_path.parent.iterdir())
+    before = {p: p.read_bytes() for p in files}
+    with pytest.raises(SSAMError, match="disk.adapter.safetensors already exists; add --overwrite"):
+        train(config)
+    assert {p: p.read_bytes() for p in sorted(first.adapter_path.parent.iterdir())} == before
+    again = train(TrainingConfig(**{**config.__dict__, "overwrite": True, "seed": 4}))
+    assert again.adapter_path.read_bytes() != before[first.adapter_path]
+
+
 def test_balanced_sampling_weights_rare_labels():
     from SSAMSegmentLib.training.slice_bank import SliceBank
 

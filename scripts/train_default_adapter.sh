@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE=1
 .venv/bin/python scripts/build_default_training_data.py "$DATA"
 COMMAND=(.venv/bin/ssam train "$DATA/ct-mr" "$DATA/polyp-train" "$DATA/nuclei-train"
          --val-data "$DATA/val-ct" "$DATA/val-dcmqi" "$DATA/polyp-val" "$DATA/nuclei-val"
-         --output Resources/Models/ssam-default.adapter.safetensors --epochs 12 --batch-size 4 --lr 1e-3 --lr-singular-values 1e-4 --seed 0 --balanced)
+         --output Resources/Models/ssam-default.adapter.safetensors --epochs 12 --batch-size 4 --lr 1e-3 --lr-singular-values 1e-4 --seed 0 --balanced --overwrite)
 "${COMMAND[@]}"
 .venv/bin/python scripts/write_model_card.py Resources/Models/ssam-default.adapter.safetensors \
     Resources/Models/ssam-default.md --command "${COMMAND[*]}"

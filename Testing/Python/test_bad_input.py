@@ -78,6 +78,10 @@ def work(tmp_path_factory):
     sitk.WriteImage(sitk.JoinSeries([sitk.Image([6, 6, 4], sitk.sitkInt16) + i for i in range(3)]), str(root / "4d.nii.gz"))
     model = perturbed_model("test-vit", labels=("organ", "vessel"), seed=7, image_size=64)
     model.save_adapter(root / "test.adapter.safetensors", {"epochs": 1, "data": "generated"})
+    perturbed_model("test-tinyvit", labels=("organ",), seed=7).save_adapter(root / "tiny.adapter.safetensors")
+    # An adapter whose text encoder is not at hand: only its stored labels can be asked for.
+    perturbed_model("test-vit", labels=("liver",), seed=7, text_encoder="clip-vit-b-32", image_size=64).save_adapter(
+        root / "clip.adapter.safetensors")
     (root / "corrupt.adapter.safetensors").write_bytes(os.urandom(3000))
     (root / "a_file").write_text("x")
     # Earlier results the user keeps.
@@ -168,6 +172,10 @@ def _rows(w: Path):
                             "does not exist"),
         "corrupt adapter": ("cli", ["segment", ct, "--label", "organ", "--adapter", str(w / "corrupt.adapter.safetensors"),
                                     *out], "damaged"),
+        "adapter of another base": ("cli", ["segment", ct, "--label", "organ", "--adapter", str(w / "tiny.adapter.safetensors"),
+                                            "--base", "test-vit", *out], "test-tinyvit, not test-vit"),
+        "unknown label without a text encoder": ("cli", ["segment", ct, "--label", "tumor", "--adapter",
+                                                         str(w / "clip.adapter.safetensors"), *out], "tumor"),
         "unknown device": ("cli", seg + out + ["--device", "quantum"], "quantum"),
         # segment: DICOM
         "DICOM series with a missing slice": ("cli", ["segment", str(w / "dicom_gap"), "--label", "organ", *ad, *out],

@@ -1,5 +1,5 @@
-"""The `ssam` command as a user runs it: outputs that Slicer opens, one-line errors with exit code 2 and no output,
-Ctrl-C with exit code 130 and no output, `ssam info` counts."""
+"""The `ssam` command as a user runs it: outputs that Slicer opens, Ctrl-C with exit code 130 and no output, `ssam info`
+counts. One-line errors with exit code 2 and no output are the rows of test_bad_input.py."""
 
 import os
 import signal
@@ -93,39 +93,7 @@ def test_segment_2d_rgb_picture(adapter, tmp_path):
     assert _read_with_slicer(tmp_path / "polyp.seg.nrrd") == ["organ"]
 
 
-def _bad_inputs(tmp_path, adapter):
-    _volume(tmp_path / "ok.nii.gz")
-    (tmp_path / "text.nii.gz").write_text("not an image")
-    four_d = sitk.JoinSeries([sitk.Image([6, 6, 4], sitk.sitkInt16) + i for i in range(3)])
-    sitk.WriteImage(four_d, str(tmp_path / "4d.nii.gz"))
-    other_base = _adapter(tmp_path / "tiny.adapter.safetensors", base="test-tinyvit")
-    clip_adapter = _adapter(tmp_path / "clip.adapter.safetensors", text_encoder="clip-vit-b-32", labels=("liver",))
-    (tmp_path / "a_file").write_text("x")
-    ok, out = tmp_path / "ok.nii.gz", tmp_path / "out.seg.nrrd"
-    return {
-        "missing input": (["segment", tmp_path / "nope.nii.gz", "--label", "organ", "--adapter", adapter, "--output", out], "does not exist"),
-        "unreadable input": (["segment", tmp_path / "text.nii.gz", "--label", "organ", "--adapter", adapter, "--output", out], "cannot read"),
-        "4D input": (["segment", tmp_path / "4d.nii.gz", "--label", "organ", "--adapter", adapter, "--output", out], "4D"),
-        "unknown adapter": (["segment", ok, "--label", "organ", "--adapter", tmp_path / "none.safetensors", "--output", out], "does not exist"),
-        "adapter of another base": (["segment", ok, "--label", "organ", "--adapter", other_base, "--base", "test-vit", "--output", out], "test-tinyvit, not test-vit"),
-        "unknown label, no text encoder": (["segment", ok, "--label", "tumor", "--adapter", clip_adapter, "--output", out], "tumor"),
-        "unwritable output": (["segment", ok, "--label", "organ", "--adapter", adapter, "--output", tmp_path / "a_file" / "x.seg.nrrd"], "cannot create the folder"),
-        "output on a filesystem that takes no files": (["segment", ok, "--label", "organ", "--adapter", adapter, "--output", "/proc/x.seg.nrrd"], "cannot write to /proc"),
-        "unsupported output": (["segment", ok, "--label", "organ", "--adapter", adapter, "--output", tmp_path / "out.png"], "unsupported type"),
-        "empty label": (["segment", ok, "--label", " ", "--adapter", adapter, "--output", out], "label"),
-        "bad window": (["segment", ok, "--label", "organ", "--adapter", adapter, "--output", out, "--window", "40"], "LEVEL,WIDTH"),
-    }
-
-
-def test_bad_inputs_fail_with_one_line_exit_2_and_no_output(adapter, tmp_path):
-    for case, (args, expected) in _bad_inputs(tmp_path, adapter).items():
-        before = set(tmp_path.rglob("*"))
-        run = ssam(*args)
-        assert run.returncode == 2, (case, run.returncode, run.stderr[-1500:])
-        lines = [line for line in run.stderr.strip().splitlines() if line.strip()]
-        assert len(lines) == 1 and "Traceback" not in run.stderr, (case, run.stderr[-1500:])
-        assert lines[0].startswith("ssam segment: error:") and expected in lines[0], (case, lines[0])
-        assert set(tmp_path.rglob("*")) == before, (case, set(tmp_path.rglob("*")) - before)
+# Bad inputs (one line, exit code 2, nothing written) are rows of test_bad_input.py.
 
 
 def test_ctrl_c_stops_and_writes_nothing(adapter, tmp_path):

@@ -64,7 +64,7 @@ class TrainingConfig:
             if optional and value is None:
                 return
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise SSAMError(f"--{name.replace('_', '-')} {value} must be a whole number of at least {least}")
+                raise SSAMError(f"--{name.replace('_', '-')} {value!r} must be a whole number of at least {least}")
 
         def positive(name, value, optional=False, zero=False):
             if optional and value is None:
@@ -74,6 +74,13 @@ class TrainingConfig:
                 raise SSAMError(f"--{name.replace('_', '-')} {value} must be a finite number above 0"
                                 + (" (or 0)" if zero else "") + "; e.g. --lr 1e-4")
 
+        from .datasets import Dataset
+
+        sources = self.data if isinstance(self.data, (list, tuple)) else [self.data]
+        if not sources or not all(isinstance(item, (str, os.PathLike, Dataset)) for item in sources):
+            raise SSAMError(f"training data {self.data!r} is not a dataset folder; give one or more folders")
+        if not isinstance(self.output, (str, os.PathLike)) or not Path(self.output).name.strip():
+            raise SSAMError(f"training output {self.output!r} is not a file path; give e.g. my.adapter.safetensors")
         whole("epochs", self.epochs, 1)
         whole("max_steps", self.max_steps, 1, optional=True)
         whole("batch_size", self.batch_size, 1)
@@ -104,8 +111,6 @@ class TrainingConfig:
         from ..files.atomic_file import check_outputs
 
         given = [self.output, self.checkpoint_path(), *also]
-        if any(not isinstance(p, (str, os.PathLike)) or not str(p).strip() for p in given):
-            raise SSAMError(f"training output {self.output!r} is not a file path; give e.g. my.adapter.safetensors")
         own_checkpoint = bool(self.resume) and os.path.realpath(str(self.resume)) == os.path.realpath(
             str(self.checkpoint_path()))
         folders = [item for source in (self.data, self.val_data)

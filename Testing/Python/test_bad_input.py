@@ -248,6 +248,9 @@ def _rows(w: Path):
         "api: model.segment of a string": ("api", lambda m: m.segment("ct.nii.gz", ["organ"]), "str, not an image"),
         "api: train with lr -1": ("api", lambda m: _api_train(w, lr=-1.0), "--lr -1.0"),
         "api: train with max_steps 0": ("api", lambda m: _api_train(w, max_steps=0), "--max-steps 0"),
+        "api: train with epochs as text": ("api", lambda m: _api_train(w, epochs="5"), "--epochs '5' must be a whole number"),
+        "api: train on no data": ("api", lambda m: _api_train(w, data=None), "is not a dataset folder"),
+        "api: segment_file to a number": ("api", lambda m: _api_segment_file(m, w, w / "ct.nii.gz", 5), "not a file path"),
     }
 
 
@@ -260,8 +263,9 @@ def _api_segment_file(model, w, source, output):
 def _api_train(w, **options):
     import SSAMSegmentLib
 
-    config = SSAMSegmentLib.TrainingConfig(data=str(w / "data"), output=str(w / "api.adapter.safetensors"),
-                                           base="test-vit", image_size=64, device="cpu", **options)
+    values = dict(data=str(w / "data"), output=str(w / "api.adapter.safetensors"), base="test-vit", image_size=64,
+                  device="cpu")
+    config = SSAMSegmentLib.TrainingConfig(**{**values, **options})
     return SSAMSegmentLib.train(config)
 
 

@@ -389,3 +389,24 @@ def test_choices_made_for_the_user_are_one_note_line_each(work, capfd, monkeypat
                      str(work / "notes" / "zero.seg.nrrd")]) == 0
     notes = [line for line in capfd.readouterr().err.splitlines() if ": note: " in line]
     assert len(notes) == 1 and "no valid voxel size along x" in notes[0] and "read as 1 mm" in notes[0]
+
+
+def test_overwrite_replaces_the_whole_set_and_nothing_else(work, tmp_path, capfd):
+    """The counterpart of the refusals: with --overwrite an earlier label map, its sidecar and preview are replaced
+    together; the input and every other file stay as they were."""
+    import shutil
+
+    shutil.copy(work / "ct.nii.gz", tmp_path / "ct.nii.gz")
+    arguments = ["segment", str(tmp_path / "ct.nii.gz"), "--label", "organ", "--label", "vessel", "--adapter",
+                 str(work / "test.adapter.safetensors"), "--output", str(tmp_path / "ct_labels.nii.gz"),
+                 "--preview", str(tmp_path / "ct.png")]
+    assert cli.main(arguments[:4] + arguments[6:]) == 0  # organ only
+    first = _snapshot(tmp_path)
+    assert cli.main(arguments) == 2 and "already exists; add --overwrite" in capfd.readouterr().err
+    assert _snapshot(tmp_path) == first
+    assert cli.main(arguments + ["--overwrite"]) == 0
+    second = _snapshot(tmp_path)
+    assert set(second) == set(first)
+    assert second[tmp_path / "ct.nii.gz"] == first[tmp_path / "ct.nii.gz"]
+    assert all(second[tmp_path / name] != first[tmp_path / name] for name in ("ct_labels.nii.gz", "ct_labels.json", "ct.png"))
+    assert "vessel" in (tmp_path / "ct_labels.json").read_text()

@@ -75,6 +75,11 @@ def work(tmp_path_factory):
     (root / "link.nii.gz").symlink_to(root / "ct.nii.gz")
     os.link(root / "ct.nii.gz", root / "hardlink.nii.gz")
     (root / "text.nii.gz").write_text("not an image")
+    (root / "empty.nrrd").write_bytes(b"")
+    sitk.WriteImage(image, str(root / "cut.nii"))
+    (root / "cut.nii").write_bytes((root / "cut.nii").read_bytes()[:-500])  # a copy that stopped early
+    (root / "pictures").mkdir()
+    sitk.WriteImage(sitk.GetImageFromArray(picture, isVector=True), str(root / "pictures" / "a.png"))
     sitk.WriteImage(sitk.JoinSeries([sitk.Image([6, 6, 4], sitk.sitkInt16) + i for i in range(3)]), str(root / "4d.nii.gz"))
     model = perturbed_model("test-vit", labels=("organ", "vessel"), seed=7, image_size=64)
     model.save_adapter(root / "test.adapter.safetensors", {"epochs": 1, "data": "generated"})
@@ -150,6 +155,10 @@ def _rows(w: Path):
         "missing input creates no folder": ("cli", ["segment", str(w / "nope.nii.gz"), "--label", "organ", *ad,
                                                     "--output", str(w / "new" / "deep" / "x.seg.nrrd")], "does not exist"),
         "unreadable input": ("cli", ["segment", str(w / "text.nii.gz"), "--label", "organ", *ad, *out], "cannot read"),
+        "empty file": ("cli", ["segment", str(w / "empty.nrrd"), "--label", "organ", *ad, *out], "cannot read"),
+        "truncated NIfTI": ("cli", ["segment", str(w / "cut.nii"), "--label", "organ", *ad, *out], "is truncated"),
+        "folder of pictures, not DICOM": ("cli", ["segment", str(w / "pictures"), "--label", "organ", *ad, *out],
+                                          "without a DICOM series"),
         "4D input": ("cli", ["segment", str(w / "4d.nii.gz"), "--label", "organ", *ad, *out], "4D"),
         "output is a folder": ("cli", seg + ["--output", str(w / "sub")], "unsupported type"),
         "output below a file": ("cli", seg + ["--output", str(w / "a_file" / "x.seg.nrrd")], "cannot create the folder"),
@@ -213,6 +222,7 @@ def _rows(w: Path):
                                                          "is the input"),
         "train: masks with values not in labels.json": ("cli", ["train", str(w / "data_mismatch"), *train[2:]],
                                                         "values do not match the label mapping"),
+        "train: output is a folder": ("cli", train[:-1] + [str(w / "sub")], "is a folder"),
         "train: missing dataset": ("cli", ["train", str(w / "nothing"), *train[2:]], "does not exist"),
         "train: missing checkpoint to resume": ("cli", train + ["--resume", str(w / "none.checkpoint.safetensors")],
                                                 "checkpoint"),

@@ -2,6 +2,7 @@
 table. Ctrl-C asks the training to stop after the current step (a second Ctrl-C stops at once); either way a
 resumable checkpoint is left and the adapter file is never partial."""
 
+import argparse
 import csv
 import signal
 import sys
@@ -13,6 +14,8 @@ from .errors import SSAMError
 
 
 def add_arguments(parser):
+    from .training.recipe import (CPU_BATCH, CUDA_BATCH_PER_PROCESS, DEFAULT_LR, DEFAULT_LR_SINGULAR_VALUES,
+                                  DEFAULT_PATIENCE, DEFAULT_STEPS, RARE_LABEL_SHARE)
     from .model.bases import BASES
     from .model.devices import DEVICE_CHOICES
     from .inference.slice_geometry import AXES
@@ -26,22 +29,37 @@ def add_arguments(parser):
     parser.add_argument("--base", choices=sorted(BASES), default="litemedsam")
     parser.add_argument("--text-encoder", choices=sorted(TEXT_ENCODERS), default="minilm-l6")
     parser.add_argument("--labels", help="comma-separated subset of the dataset's labels (default: all)")
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
-    parser.add_argument("--batch-size", type=int, default=4, help="slices per step (each with all its labels)")
+    parser.add_argument("--steps", type=int, help=f"optimizer steps of the schedule (default {DEFAULT_STEPS}, "
+                                                  "whatever the dataset's size: a small set gets as many updates as "
+                                                  "a large one); linear warm-up over the first 5%%, cosine decay "
+                                                  "to the end")
+    parser.add_argument("--epochs", type=int, help="the schedule's length as passes over the training slices "
+                                                   "instead of --steps")
+    parser.add_argument("--budget", type=float, metavar="MINUTES",
+                        help="fit the schedule to this wall-clock time: the first steps are timed, then the total "
+                             "steps are fixed so warm-up and decay end in time (stored in the checkpoint)")
+    parser.add_argument("--batch-size", type=int, help="slices per step, each with all its labels (default "
+                                                       f"{CPU_BATCH} on a CPU, {CUDA_BATCH_PER_PROCESS} per CUDA GPU)")
     parser.add_argument("--micro-batch", type=int, help="slices per forward/backward pass (gradients accumulate over "
                                                         "the batch; default 1 on CPU, the batch size on GPU)")
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--lr-singular-values", type=float, help="learning rate of the singular values' scales and "
-                                                                   "shifts (default: --lr)")
+    parser.add_argument("--lr", type=float, default=DEFAULT_LR,
+                        help="peak learning rate of the norms, Text Affine Layer and positional embedding "
+                             "(default %(default)g)")
+    parser.add_argument("--lr-singular-values", type=float, default=DEFAULT_LR_SINGULAR_VALUES,
+                        help="peak learning rate of the singular values' scales and shifts (default %(default)g: "
+                             "at 1e-3 they destroyed labels, docs/fine_tuning.md)")
+    parser.add_argument("--patience", type=int, default=DEFAULT_PATIENCE,
+                        help="stop when this many validations (one every tenth of the schedule) after warm-up "
+                             "bring no better Dice (default %(default)s; 0: never stop early)")
     parser.add_argument("--val-fraction", type=float, default=0.2, help="share of cases held out for validation")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", help="checkpoint to continue from (<output>.checkpoint.safetensors)")
     parser.add_argument("--device", default="auto", help=f"one of {', '.join(DEVICE_CHOICES)} or cuda:N")
     parser.add_argument("--axis", choices=AXES, default="auto", help="slice axis of 3D images")
     parser.add_argument("--image-size", type=int, help="input size for SAM ViT bases (multiple of 16)")
-    parser.add_argument("--balanced", action="store_true", help="sample slices so small/rare labels are seen as "
-                                                                "often present as absent")
+    parser.add_argument("--balanced", action=argparse.BooleanOptionalAction, default=None,
+                        help="sample slices so every label is seen as often present as absent (default: on when a "
+                             f"label is on fewer than {RARE_LABEL_SHARE * 100:.0f}%% of its training slices)")
     parser.add_argument("--tune", choices=("ssam", "norms"), default="ssam",
                         help="ssam: singular values + norms (S-SAM); norms: without the singular values (ablation)")
     parser.add_argument("--no-augment", action="store_true", help="no intensity and small geometric jitter")
@@ -62,8 +80,8 @@ def run(args) -> int:
     config = TrainingConfig(
         data=args.data, output=args.output, base=args.base, text_encoder=args.text_encoder,
         labels=[x.strip() for x in args.labels.split(",") if x.strip()] if args.labels else None,
-        epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size, micro_batch=args.micro_batch, lr=args.lr,
-        lr_singular_values=args.lr_singular_values,
+        steps=args.steps, epochs=args.epochs, budget_minutes=args.budget, batch_size=args.batch_size,
+        micro_batch=args.micro_batch, lr=args.lr, lr_singular_values=args.lr_singular_values, patience=args.patience,
         val_fraction=args.val_fraction, val_data=args.val_data, seed=args.seed, resume=args.resume, device=args.device, axis=args.axis,
         balanced=args.balanced, augment=not args.no_augment, tune=args.tune, image_size=args.image_size,
         overwrite=args.overwrite,
@@ -121,27 +139,44 @@ class _Display:
         if update.phase == "prepare":
             print(update.message, file=sys.stderr)
             return
-        fields = [update.message]
-        if update.loss is not None:
-            fields.append(f"loss {update.loss:.4f}")
-        if update.val_dice is not None:
-            fields.append(f"val Dice {update.val_dice:.3f}")
-        if update.phase == "validate":
-            fields.append("validating")
+        fields = format_progress(update)
         if not self.interactive:
-            if update.phase == "validate" or self.clock() - self.last_line > 30 or update.step == update.total_steps:
-                eta = f", about {update.eta_seconds / 60:.0f} min left" if update.eta_seconds else ""
-                print(f"step {update.step}/{update.total_steps}: {', '.join(fields)}{eta}", file=sys.stderr, flush=True)
+            if update.phase in ("validate", "done") or self.clock() - self.last_line > 30 \
+                    or update.step == update.total_steps:
+                print(", ".join(fields), file=sys.stderr, flush=True)
                 self.last_line = self.clock()
+            return
+        if update.phase == "done":
+            print(", ".join(fields), file=sys.stderr)
             return
         if self.bar is None:
             self.bar = tqdm(total=update.total_steps, file=sys.stderr, unit="step", dynamic_ncols=True)
+        self.bar.total = update.total_steps  # a --budget fixes the total after the first steps
         self.bar.n = update.step
         self.bar.set_postfix_str(", ".join(fields), refresh=True)
 
     def close(self):
         if self.bar is not None:
             self.bar.close()
+
+
+def format_progress(update) -> list:
+    """The progress line's fields: step/total, learning rate, loss, validation Dice, expected finish (clock time)."""
+    import time
+
+    fields = [f"step {update.step}/{update.total_steps}" if update.phase != "done" else update.message]
+    if update.lr is not None:
+        fields.append(f"lr {update.lr:.1e}")
+    if update.loss is not None:
+        fields.append(f"loss {update.loss:.4f}")
+    if update.val_dice is not None:
+        fields.append(f"val Dice {update.val_dice:.3f}")
+    if update.phase == "validate":
+        fields.append("validating")
+    if update.finish_time is not None and update.eta_seconds:
+        clock = time.strftime("%H:%M", time.localtime(update.finish_time))
+        fields.append(f"ends about {clock} ({max(1.0, update.eta_seconds / 60):.0f} min)")
+    return fields
 
 
 def write_metrics_csv(path, history, step_losses):

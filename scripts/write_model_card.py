@@ -31,6 +31,9 @@ def _settings(training: dict) -> str:
     if training.get("lr_singular_values") is not None:
         parts.append(f"lr {training['lr_singular_values']} for the singular values' scales and shifts")
     parts.append(f"weight decay {training.get('weight_decay', 0.01)}")
+    if training.get("total_steps"):
+        parts.append(f"{training['total_steps']} steps, warm-up {training.get('warmup_steps')} then cosine decay"
+                     + (" (stopped early)" if training.get("stopped_early") else ""))
     if training.get("balanced"):
         parts.append("class-balanced sampling")
     parts.append(f"seed {training.get('seed')}")

@@ -1,12 +1,16 @@
 """Fine-tuning S-SAM on a labelled dataset: `train(config, progress, cancel)` -> an adapter file.
 
-Only the S-SAM trainable set is optimised (AdamW, lr 1e-4, weight decay 0.01; focal + Dice loss on logits). A step
-takes `batch_size` slices with every dataset label of each (the (slice, label) samples of the paper, grouped so each
-slice is encoded once). After each epoch: validation Dice per label on held-out cases, the adapter rewritten when the
-mean Dice improves, and a checkpoint from which `resume` continues exactly (the data order and augmentation of every
-step derive from (seed, epoch) and (seed, step), not from a running random state). Ctrl-C or Cancel saves a
-checkpoint at the current step and never leaves a partial adapter. Under `torchrun` each process trains on its share
-of every batch with DistributedDataParallel; rank 0 validates and writes.
+Only the S-SAM trainable set is optimised (AdamW, weight decay 0.01; focal + Dice loss on logits), with the default
+recipe of recipe.py: a schedule in optimizer steps (schedule.py: linear warm-up, cosine decay) whatever the dataset's
+size, a peak learning rate per parameter group, class-balanced sampling when a label is rare, and a `budget` in
+minutes that fixes the total steps from the time of the first steps. A step takes `batch_size` slices with every
+dataset label of each (the (slice, label) samples of the paper, grouped so each slice is encoded once). Every tenth
+of the schedule: validation Dice per label on held-out cases, the adapter rewritten when the mean Dice improves, a
+stop when it has not improved for `patience` validations after warm-up, and a checkpoint from which `resume`
+continues exactly (the data order and augmentation of every step derive from (seed, pass over the data) and (seed,
+step), and the learning rate from the step and the stored total, not from a running state). Ctrl-C or Cancel saves
+a checkpoint at the current step and never leaves a partial adapter. Under `torchrun` each process trains on its
+share of every batch with DistributedDataParallel; rank 0 validates and writes.
 """
 
 import dataclasses
@@ -25,6 +29,10 @@ from ..files.atomic_file import atomic_output
 from ..model.devices import autocast, autocast_dtype, select_device
 from ..errors import Cancelled, SSAMError
 from .losses import ssam_loss
+from .recipe import (DEFAULT_LR, DEFAULT_LR_SINGULAR_VALUES, DEFAULT_PATIENCE, DEFAULT_STEPS, batch_size_for,
+                     has_rare_label, micro_batch_for)
+from .schedule import (PROBE_STEPS, WarmupCosine, apply_learning_rates, is_validation_step, should_stop_early,
+                       steps_within_budget, validations_left)
 from .slice_bank import SliceBank, build_slice_bank
 from ..model.text_encoders import label_key
 
@@ -36,24 +44,27 @@ class TrainingConfig:
     base: str = "litemedsam"
     text_encoder: str = "minilm-l6"
     labels: Optional[List[str]] = None
-    epochs: int = 10
-    max_steps: Optional[int] = None
-    batch_size: int = 4
-    lr: float = 1e-4
+    steps: Optional[int] = None  # optimizer steps of the schedule (default recipe.DEFAULT_STEPS unless epochs given)
+    epochs: Optional[int] = None  # the alternative: this many passes over the training slices
+    budget_minutes: Optional[float] = None  # fit the total steps to this wall-clock time (measured on the first steps)
+    max_steps: Optional[int] = None  # a cap on the total from steps/epochs (the schedule is fitted to the cap)
+    batch_size: Optional[int] = None  # slices per step; default recipe.batch_size_for(device)
+    lr: float = DEFAULT_LR  # peak rate of everything but the singular values
+    lr_singular_values: Optional[float] = DEFAULT_LR_SINGULAR_VALUES  # peak rate of their scales and shifts (None: lr)
     weight_decay: float = 0.01
+    patience: Optional[int] = DEFAULT_PATIENCE  # validations after warm-up without a better Dice: stop (0: never)
     val_fraction: float = 0.2
     seed: int = 0
     resume: Optional[str] = None
     device: str = "auto"
     axis: str = "auto"
-    balanced: bool = False
+    balanced: Optional[bool] = None  # None: balanced sampling when a label is rare (recipe.has_rare_label)
     augment: bool = True
     image_size: Optional[int] = None
     checkpoint: Optional[str] = None  # default: <output>.checkpoint.safetensors
     val_data: object = None  # validation dataset(s) instead of a split of `data`
     micro_batch: Optional[int] = None  # slices per forward/backward pass; default 1 on CPU, batch_size on GPU
     tune: str = "ssam"  # "ssam": the full S-SAM set; "norms": a, b frozen (the paper's ablation baseline)
-    lr_singular_values: Optional[float] = None  # learning rate of the scales and shifts (default: lr)
     overwrite: bool = False  # replace an existing adapter and checkpoint (resuming a run's own checkpoint does)
 
     def check(self) -> "TrainingConfig":
@@ -66,13 +77,13 @@ class TrainingConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise SSAMError(f"--{name.replace('_', '-')} {value!r} must be a whole number of at least {least}")
 
-        def positive(name, value, optional=False, zero=False):
+        def positive(name, value, optional=False, zero=False, example="--lr 1e-4"):
             if optional and value is None:
                 return
             ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
             if not ok or value < 0 or (value == 0 and not zero):
                 raise SSAMError(f"--{name.replace('_', '-')} {value} must be a finite number above 0"
-                                + (" (or 0)" if zero else "") + "; e.g. --lr 1e-4")
+                                + (" (or 0)" if zero else "") + f"; e.g. {example}")
 
         from .datasets import Dataset
 
@@ -81,16 +92,22 @@ class TrainingConfig:
             raise SSAMError(f"training data {self.data!r} is not a dataset folder; give one or more folders")
         if not isinstance(self.output, (str, os.PathLike)) or not Path(self.output).name.strip():
             raise SSAMError(f"training output {self.output!r} is not a file path; give e.g. my.adapter.safetensors")
-        whole("epochs", self.epochs, 1)
+        if self.steps is not None and self.epochs is not None:
+            raise SSAMError("give the schedule's length once: --steps or --epochs, not both")
+        whole("steps", self.steps, 1, optional=True)
+        whole("epochs", self.epochs, 1, optional=True)
         whole("max_steps", self.max_steps, 1, optional=True)
-        whole("batch_size", self.batch_size, 1)
+        whole("batch_size", self.batch_size, 1, optional=True)
         whole("micro_batch", self.micro_batch, 1, optional=True)
+        whole("patience", self.patience, 0, optional=True)
         whole("seed", self.seed, 0)
         whole("image_size", self.image_size, 16, optional=True)
         if self.image_size is not None and self.image_size % 16:
             raise SSAMError(f"--image-size {self.image_size} must be a multiple of 16, e.g. 256")
-        if self.micro_batch is not None and self.micro_batch > self.batch_size:
+        if None not in (self.micro_batch, self.batch_size) and self.micro_batch > self.batch_size:
             raise SSAMError(f"--micro-batch {self.micro_batch} is larger than --batch-size {self.batch_size}")
+        if self.budget_minutes is not None:
+            positive("budget", self.budget_minutes, example="--budget 30")
         positive("lr", self.lr)
         positive("lr_singular_values", self.lr_singular_values, optional=True)
         positive("weight_decay", self.weight_decay, zero=True)
@@ -126,13 +143,12 @@ class TrainingConfig:
         return output.with_name(name + ".checkpoint.safetensors")
 
     def fingerprint(self) -> dict:
-        """What a resumed run must share with the run that wrote the checkpoint."""
-        keys = ("base", "text_encoder", "batch_size", "lr", "weight_decay", "seed", "axis", "balanced", "augment",
-                "image_size", "val_fraction", "tune")
-        fingerprint = {key: getattr(self, key) for key in keys}
-        if self.lr_singular_values is not None:  # absent: one learning rate, as in checkpoints from before the option
-            fingerprint["lr_singular_values"] = self.lr_singular_values
-        return fingerprint
+        """What a resumed run must share with the run that wrote the checkpoint (the total steps it fixed are in the
+        checkpoint itself)."""
+        keys = ("base", "text_encoder", "batch_size", "lr", "lr_singular_values", "weight_decay", "seed", "axis",
+                "balanced", "augment", "image_size", "val_fraction", "tune", "steps", "epochs", "budget_minutes",
+                "max_steps", "patience")
+        return {key: getattr(self, key) for key in keys}
 
 
 @dataclasses.dataclass
@@ -147,6 +163,8 @@ class TrainingProgress:
     message: str
     samples_per_second: Optional[float] = None
     phase: str = "train"  # "prepare", "train", "validate", "done"
+    lr: Optional[float] = None  # peak group's current learning rate (everything but the singular values)
+    finish_time: Optional[float] = None  # expected end of the run, as time.time()
 
 
 @dataclasses.dataclass
@@ -405,16 +423,18 @@ def _restrict(dataset, labels):
 
 
 def _parameter_groups(model, config):
-    """AdamW groups: the singular values' scales and shifts may learn more slowly than the rest (lr_singular_values):
-    a shift of b moves every singular value by the same amount, which for the small ones of a 69-matrix encoder is
-    a large relative change; the Text Affine Layer, learnt from scratch, needs the larger rate."""
+    """AdamW groups, each with its own peak rate ('peak_lr', scaled by the schedule at every step): the singular
+    values' scales and shifts learn more slowly than the rest (lr_singular_values): a shift of b moves every singular
+    value by the same amount, which for the small ones of a 69-matrix encoder is a large relative change; the Text
+    Affine Layer, learnt from scratch, needs the larger rate."""
     names = model.trainable_names()
     trainable = {name: p for name, p in model.named_parameters() if name in names and p.requires_grad}
     singular = [p for name, p in trainable.items() if names[name] == "singular values"]
     rest = [p for name, p in trainable.items() if names[name] != "singular values"]
-    groups = [{"params": rest}]
+    groups = [{"name": "rest", "params": rest, "peak_lr": config.lr}]
     if singular:
-        groups.append({"params": singular, "lr": config.lr_singular_values or config.lr})
+        rate = config.lr if config.lr_singular_values is None else config.lr_singular_values
+        groups.append({"name": "singular values", "params": singular, "peak_lr": rate})
     return groups
 
 
@@ -455,6 +475,30 @@ def _renamed(read, names_by_key):
     return read_with_training_names
 
 
+def _planned_steps(config, steps_per_epoch: int) -> int:
+    """The schedule's total steps before any budget: --steps, or --epochs passes over the slices, or the default."""
+    if config.epochs is not None:
+        total = steps_per_epoch * config.epochs
+    else:
+        total = config.steps or DEFAULT_STEPS
+    return min(total, config.max_steps) if config.max_steps is not None else total
+
+
+def _cuda_memory(device):
+    return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+
+
+def _agree(value, world):
+    """Rank 0's number on every process (the budget's total steps, the early stop), so all take the same steps."""
+    if world <= 1:
+        return value
+    import torch.distributed as dist
+
+    tensor = torch.tensor([float(value)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.broadcast(tensor, 0)
+    return type(value)(tensor.item())
+
+
 def train(config: TrainingConfig, progress: Optional[Callable[[TrainingProgress], None]] = None,
           cancel=None) -> TrainingResult:
     from .datasets import split_record
@@ -465,8 +509,6 @@ def train(config: TrainingConfig, progress: Optional[Callable[[TrainingProgress]
     report = progress if (progress and rank == 0) else (lambda update: None)
     config.check()
     output, checkpoint_path = config.check_outputs()[:2]
-    if config.batch_size < world:
-        raise SSAMError(f"batch size {config.batch_size} is smaller than the {world} training processes")
     dataset, train_cases, val_cases = _prepare_data(config)
     labels = dataset.label_names
     device = select_device(config.device)
@@ -475,13 +517,16 @@ def train(config: TrainingConfig, progress: Optional[Callable[[TrainingProgress]
         torch.cuda.set_device(device)
     torch.manual_seed(config.seed)  # the Text Affine Layer's initial weights: a run is repeatable from its seed
     model = load(base=config.base, text_encoder=config.text_encoder, image_size=config.image_size, device=device)
+    batch_size = config.batch_size or batch_size_for(device.type, world, _cuda_memory(device), model.image_size)
+    if batch_size < world:
+        raise SSAMError(f"batch size {batch_size} is smaller than the {world} training processes")
     text = model.text_embeddings(labels)  # encoded once; stored in the adapter
     if config.tune == "norms":
         model.freeze_singular_values()
 
     def prepare(cases, what):
         def step(fraction, message):
-            report(TrainingProgress(0, config.epochs, 0, 0, None, None, None, f"{what}: {message}", phase="prepare"))
+            report(TrainingProgress(0, 0, 0, 0, None, None, None, f"{what}: {message}", phase="prepare"))
         return build_slice_bank(cases, labels, model.image_size, config.axis, progress=step, cancel=cancel)
 
     train_bank = prepare(train_cases, "preparing training slices")
@@ -489,105 +534,128 @@ def train(config: TrainingConfig, progress: Optional[Callable[[TrainingProgress]
     if len(train_bank) == 0:
         raise SSAMError("the training cases have no slice with signal; check the images")
 
-    weights = _balance_weights(train_bank) if config.balanced else None
-    steps_per_epoch = math.ceil(len(train_bank) / config.batch_size)
-    total_steps = steps_per_epoch * config.epochs
-    if config.max_steps is not None:
-        total_steps = min(total_steps, config.max_steps)
-
-    micro_batch = config.micro_batch or (1 if device.type == "cpu" else config.batch_size)
+    balanced = has_rare_label(train_bank.present, train_bank.scored) if config.balanced is None else config.balanced
+    weights = _balance_weights(train_bank) if balanced else None
+    steps_per_epoch = math.ceil(len(train_bank) / batch_size)
+    micro_batch = config.micro_batch or micro_batch_for(device.type, batch_size)
+    if micro_batch > batch_size:
+        raise SSAMError(f"--micro-batch {micro_batch} is larger than the batch of {batch_size} slices; give at most "
+                        f"--micro-batch {batch_size} or a larger --batch-size")
     optimizer = torch.optim.AdamW(_parameter_groups(model, config), lr=config.lr, weight_decay=config.weight_decay)
     reduced = autocast_dtype(device)
     scaler = torch.amp.GradScaler(device.type, enabled=reduced == torch.float16)
-    state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best": None, "history": [], "elapsed": 0.0,
-             "fingerprint": config.fingerprint(), "cases": split_record(train_cases, val_cases, config.seed, config.val_fraction), "labels": labels}
+    state = {"global_step": 0, "total_steps": _planned_steps(config, steps_per_epoch),
+             "total_fixed": config.budget_minutes is None, "validation_due": False, "stopped_early": False,
+             "best": None, "history": [], "elapsed": 0.0, "batch_size": batch_size, "balanced": balanced,
+             "fingerprint": dict(config.fingerprint(), batch_size=batch_size),
+             "cases": split_record(train_cases, val_cases, config.seed, config.val_fraction), "labels": labels}
     if config.resume:
         resumed = load_checkpoint(config.resume, model, optimizer)
         for key in ("fingerprint", "cases", "labels"):
             if resumed.get(key) != json.loads(json.dumps(state[key])):
                 raise SSAMError(f"checkpoint {config.resume} was made with different {key} "
                                 f"({resumed.get(key)}); resume with the same data and options")
-        state.update({k: resumed[k] for k in ("epoch", "step_in_epoch", "global_step", "best", "history", "elapsed")})
+        state.update({k: resumed[k] for k in ("global_step", "total_steps", "total_fixed", "validation_due",
+                                              "stopped_early", "best", "history", "elapsed")})
 
     network = model
     if world > 1:
         network = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     model.train()
-    step_times = []
+    step_times, losses = [], []
     val_seconds = None
     run_start = time.time()
+    order, order_epoch = None, None
+
+    def elapsed():
+        return state["elapsed"] + time.time() - run_start
 
     def interrupted(reason):
         if rank == 0:
-            save_checkpoint(checkpoint_path, model, optimizer, dict(state, elapsed=state["elapsed"] + time.time() - run_start))
+            save_checkpoint(checkpoint_path, model, optimizer, dict(state, elapsed=elapsed()))
         return Cancelled(f"{reason}; resume with --resume {checkpoint_path}")
 
+    def seconds_per_validation(per_step):
+        if val_seconds is not None:
+            return val_seconds
+        # before one has run: a forward pass costs about a third of a training step per slice
+        return len(val_bank or ()) * per_step / batch_size / 3
+
     try:
-        while state["epoch"] < config.epochs and state["global_step"] < total_steps:
-            epoch = state["epoch"]
-            order = _epoch_order(len(train_bank), config.seed, epoch, weights)
-            losses = []
-            while state["step_in_epoch"] < steps_per_epoch and state["global_step"] < total_steps:
-                if cancel is not None and cancel.is_set():
-                    raise interrupted("training cancelled")
-                tick = time.perf_counter()
-                first = state["step_in_epoch"] * config.batch_size
-                batch = order[first:first + config.batch_size]
-                if len(batch) % world:  # every process needs an equal share: wrap around to fill the last batch
-                    batch = np.concatenate([batch, order[: world - len(batch) % world]])
-                rows = batch[rank::world]
-                generator = torch.Generator().manual_seed(config.seed * 1_000_003 + state["global_step"])
-                inputs, targets = _batch_tensors(model, train_bank, rows, generator if config.augment else None)
-                optimizer.zero_grad(set_to_none=True)
-                loss = _accumulate_gradients(network, inputs, targets, text, device, scaler, micro_batch)
-                scaler.step(optimizer)
-                scaler.update()
-                losses.append(loss)
-                state["step_in_epoch"] += 1
-                state["global_step"] += 1
-                step_times.append(time.perf_counter() - tick)
-                per_step = float(np.mean(step_times[-20:]))
-                # Honest ETA: the remaining steps, and a validation at the end of every remaining epoch (measured
-                # once it has run; before that, a forward pass costs about a third of a training step per slice).
-                validations = math.ceil((total_steps - state["global_step"] + state["step_in_epoch"]) / steps_per_epoch)
-                if val_seconds is None:
-                    val_estimate = len(val_bank or ()) * per_step / config.batch_size / 3
-                else:
-                    val_estimate = val_seconds
-                remaining = (total_steps - state["global_step"]) * per_step + validations * val_estimate
-                report(TrainingProgress(epoch + 1, config.epochs, state["global_step"], total_steps, float(np.mean(losses[-10:])),
-                                        state["history"][-1].get("val_dice") if state["history"] else None, remaining,
-                                        f"epoch {epoch + 1}/{config.epochs}",
-                                        samples_per_second=len(rows) * world * len(labels) / per_step))
-            epoch_done = state["step_in_epoch"] >= steps_per_epoch
-            record = {"epoch": epoch + 1, "step": state["global_step"], "loss": float(np.mean(losses)) if losses else None}
-            if rank == 0:
-                if val_bank is not None and len(val_bank):
-                    report(TrainingProgress(epoch + 1, config.epochs, state["global_step"], total_steps, record["loss"],
-                                            None, None, "validating", phase="validate"))
+        while True:
+            schedule = WarmupCosine.for_total(state["total_steps"])
+            epoch = max(state["global_step"] - 1, 0) // steps_per_epoch  # the pass of the last step taken
+            if state["validation_due"]:
+                record = {"epoch": epoch + 1, "step": state["global_step"],
+                          "loss": float(np.mean(losses)) if losses else None,
+                          # the rate of the last step taken (from the schedule: a resumed run has not set it yet)
+                          "lr": optimizer.param_groups[0]["peak_lr"] * schedule.factor(max(state["global_step"] - 1, 0))}
+                if rank == 0:
                     tick = time.perf_counter()
-                    try:
-                        dice, classic = validate(model, val_bank, text, device, cancel=cancel)
-                    except Cancelled:  # the epoch's steps are done: the checkpoint resumes at its validation
-                        raise interrupted("training cancelled during validation") from None
-                    val_seconds = time.perf_counter() - tick
-                    scored = [value for value in dice.values() if value is not None]
-                    record.update(val_dice=float(np.mean(scored)) if scored else None, val_dice_per_label=dice,
-                                  val_dice_classic_per_label=classic)
-                else:
-                    record.update(val_dice=None, val_dice_per_label={}, val_dice_classic_per_label={})
-                score = record["val_dice"]
-                best_score = (state["best"] or {}).get("val_dice")
-                improved = best_score is None or (score is not None and score > best_score)
-                if improved or score is None:
-                    state["best"] = record
-                    _save_adapter(model, output, config, dataset, state, record, train_bank, val_bank, started)
-            state["history"].append(record)
-            if epoch_done:
-                state["epoch"] += 1
-                state["step_in_epoch"] = 0
-            if rank == 0:
-                save_checkpoint(checkpoint_path, model, optimizer, dict(state, elapsed=state["elapsed"] + time.time() - run_start))
+                    record.update(_validation_record(model, val_bank, text, device, cancel, report, state, record,
+                                                     interrupted))
+                    val_seconds = time.perf_counter() - tick if val_bank is not None and len(val_bank) else 0.0
+                    score = record["val_dice"]
+                    best_score = (state["best"] or {}).get("val_dice")
+                    if best_score is None or score is None or score > best_score:
+                        state["best"] = record
+                        _save_adapter(model, output, config, dataset, state, record, train_bank, val_bank, started)
+                state["history"].append(record)
+                losses = []
+                state["validation_due"] = False
+                stop = should_stop_early(state["history"], schedule.warmup, config.patience) if rank == 0 else False
+                state["stopped_early"] = bool(_agree(int(stop), world))
+                if rank == 0:
+                    save_checkpoint(checkpoint_path, model, optimizer, dict(state, elapsed=elapsed()))
+                if state["stopped_early"]:
+                    report(TrainingProgress(epoch + 1, _passes(state, steps_per_epoch), state["global_step"],
+                                            state["total_steps"], record["loss"], record.get("val_dice"), 0.0,
+                                            f"stopped early: no better validation Dice in {config.patience} "
+                                            f"validations", phase="done"))
+            if state["stopped_early"] or state["global_step"] >= state["total_steps"]:
+                break
+            if cancel is not None and cancel.is_set():
+                raise interrupted("training cancelled")
+            tick = time.perf_counter()
+            step = state["global_step"]
+            epoch, position = divmod(step, steps_per_epoch)
+            if order_epoch != epoch:
+                order, order_epoch = _epoch_order(len(train_bank), config.seed, epoch, weights), epoch
+            batch = order[position * batch_size:(position + 1) * batch_size]
+            if len(batch) % world:  # every process needs an equal share: wrap around to fill the last batch
+                batch = np.concatenate([batch, order[: world - len(batch) % world]])
+            rows = batch[rank::world]
+            generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+            inputs, targets = _batch_tensors(model, train_bank, rows, generator if config.augment else None)
+            apply_learning_rates(optimizer, schedule, step)
+            optimizer.zero_grad(set_to_none=True)
+            loss = _accumulate_gradients(network, inputs, targets, text, device, scaler, micro_batch)
+            scaler.step(optimizer)
+            scaler.update()
+            losses.append(loss)
+            state["global_step"] += 1
+            step_times.append(time.perf_counter() - tick)
+            per_step = float(np.mean(step_times[1:][-20:] or step_times))  # the first step also warms caches up
+            if not state["total_fixed"] and len(step_times) >= PROBE_STEPS:
+                state["total_steps"] = _agree(_budget_total(config, state, steps_per_epoch, elapsed(), per_step,
+                                                            seconds_per_validation(per_step)), world)
+                state["total_fixed"] = True
+                report(TrainingProgress(epoch + 1, _passes(state, steps_per_epoch), state["global_step"],
+                                        state["total_steps"], None, None, None,
+                                        f"budget of {config.budget_minutes:g} min: {state['total_steps']} steps "
+                                        f"at {per_step:.1f} s each", phase="prepare"))
+            if is_validation_step(state["global_step"], state["total_steps"]):
+                state["validation_due"] = True
+            # Honest expected finish: the steps left and the validations left, this step's own included
+            validations = validations_left(state["global_step"], state["total_steps"]) + state["validation_due"]
+            remaining = ((state["total_steps"] - state["global_step"]) * per_step
+                         + validations * seconds_per_validation(per_step))
+            report(TrainingProgress(epoch + 1, _passes(state, steps_per_epoch), state["global_step"],
+                                    state["total_steps"], float(np.mean(losses[-10:])),
+                                    state["history"][-1].get("val_dice") if state["history"] else None, remaining,
+                                    f"step {state['global_step']}/{state['total_steps']}",
+                                    samples_per_second=len(rows) * world * len(labels) / per_step,
+                                    lr=optimizer.param_groups[0]["lr"], finish_time=time.time() + remaining))
     except KeyboardInterrupt:
         raise interrupted("training interrupted (Ctrl-C)") from None
     if world > 1:
@@ -598,10 +666,37 @@ def train(config: TrainingConfig, progress: Optional[Callable[[TrainingProgress]
     return TrainingResult(
         adapter_path=output, checkpoint_path=checkpoint_path,
         val_dice=best.get("val_dice_per_label", {}), val_dice_classic=best.get("val_dice_classic_per_label", {}),
-        history=state["history"], steps=state["global_step"], epochs_done=state["epoch"],
-        samples_per_second=config.batch_size * len(labels) / per_step if step_times else float("nan"),
+        history=state["history"], steps=state["global_step"], epochs_done=state["global_step"] // steps_per_epoch,
+        samples_per_second=batch_size * len(labels) / per_step if step_times else float("nan"),
         summary=_summary(config, dataset, state, best, train_bank, val_bank, started),
     )
+
+
+def _passes(state, steps_per_epoch):
+    return math.ceil(state["total_steps"] / steps_per_epoch)
+
+
+def _budget_total(config, state, steps_per_epoch, elapsed_seconds, per_step, per_validation):
+    """Total steps that end within --budget (capped by an explicit --steps/--epochs/--max-steps)."""
+    total = steps_within_budget(config.budget_minutes * 60, elapsed_seconds, state["global_step"], per_step,
+                                per_validation)
+    if config.steps is not None or config.epochs is not None or config.max_steps is not None:
+        total = min(total, _planned_steps(config, steps_per_epoch))
+    return max(total, state["global_step"])
+
+
+def _validation_record(model, val_bank, text, device, cancel, report, state, record, interrupted):
+    if val_bank is None or not len(val_bank):
+        return {"val_dice": None, "val_dice_per_label": {}, "val_dice_classic_per_label": {}}
+    report(TrainingProgress(record["epoch"], 0, state["global_step"], state["total_steps"], record["loss"], None, None,
+                            "validating", phase="validate"))
+    try:
+        dice, classic = validate(model, val_bank, text, device, cancel=cancel)
+    except Cancelled:  # the steps are done: the checkpoint resumes at this validation
+        raise interrupted("training cancelled during validation") from None
+    scored = [value for value in dice.values() if value is not None]
+    return {"val_dice": float(np.mean(scored)) if scored else None, "val_dice_per_label": dice,
+            "val_dice_classic_per_label": classic}
 
 
 def _summary(config, dataset, state, best, train_bank, val_bank, started):
@@ -615,12 +710,17 @@ def _summary(config, dataset, state, best, train_bank, val_bank, started):
         "val_slices": len(val_bank) if val_bank is not None else 0,
         "epochs": best.get("epoch"),
         "steps": best.get("step"),
-        "batch_size": config.batch_size,
+        "total_steps": state["total_steps"],
+        "warmup_steps": WarmupCosine.for_total(state["total_steps"]).warmup,
+        "stopped_early": state["stopped_early"],
+        "batch_size": state["batch_size"],
         "lr": config.lr,
         "lr_singular_values": config.lr_singular_values,
         "weight_decay": config.weight_decay,
         "tune": config.tune,
-        "balanced": config.balanced,
+        "balanced": state["balanced"],
+        "patience": config.patience,
+        "budget_minutes": config.budget_minutes,
         "seed": config.seed,
         "axis": config.axis,
         "val_dice": best.get("val_dice"),

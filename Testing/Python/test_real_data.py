@@ -73,3 +73,53 @@ def test_default_adapter_finds_the_liver_on_an_unseen_ct(data_dir):
     # A colonoscopy label on a CT: the answer is (nearly) nothing.
     assert sitk.GetArrayViewFromImage(result.masks["polyp"]).sum() < 0.01 * reference.sum()
     assert np.array_equal(sitk.GetArrayViewFromImage(result.masks["liver"]).shape, reference.shape)
+
+
+def _polyp_folder(folder, pairs):
+    for sub in ("images", "masks"):
+        (folder / sub).mkdir(parents=True)
+    for image, mask in pairs:
+        (folder / "images" / image.name).symlink_to(image)
+        (folder / "masks" / image.name).symlink_to(mask)
+    (folder / "labels.json").write_text(json.dumps({"1": "polyp"}))
+    return folder
+
+
+def test_a_few_default_recipe_steps_on_real_polyps_improve_loss_and_validation_dice(data_dir, tmp_path):
+    """Kvasir-SEG: 4 training images, 2 other images for validation; the default recipe (per-group rates, warm-up
+    and cosine) for 8 steps. Against step 0 (the same seeded model before training): a lower loss on the training
+    slices (no augmentation) and a higher validation Dice."""
+    import torch
+
+    from SSAMSegmentLib.training.datasets import open_dataset
+    from SSAMSegmentLib.training.losses import ssam_loss
+    from SSAMSegmentLib.training.slice_bank import build_slice_bank
+    from SSAMSegmentLib.training.trainer import _batch_tensors, _logits_for, validate
+
+    source = data_dir / "kvasir-seg"
+    images = sorted((source / "images").glob("*.jpg"))[:6]
+    pairs = [(path, source / "masks" / path.name) for path in images]
+    training = _polyp_folder(tmp_path / "train", pairs[:4])
+    validation = _polyp_folder(tmp_path / "val", pairs[4:])
+    config = TrainingConfig(data=str(training), val_data=str(validation), output=str(tmp_path / "p.adapter.safetensors"),
+                            steps=8, batch_size=2, seed=0)
+
+    def loss_and_dice(model):
+        text = model.text_embeddings(["polyp"])
+        banks = [build_slice_bank(open_dataset(folder).cases, ["polyp"], model.image_size)
+                 for folder in (training, validation)]
+        model.eval()
+        model.merge()
+        with torch.inference_mode():
+            inputs, targets = _batch_tensors(model, banks[0], np.arange(len(banks[0])))
+            loss = float(ssam_loss(_logits_for(model, inputs, text, 1), targets))
+        return loss, validate(model, banks[1], text, torch.device("cpu"))[0]["polyp"]
+
+    torch.manual_seed(config.seed)  # the Text Affine Layer's initial weights, as train() draws them
+    loss_0, dice_0 = loss_and_dice(SSAMSegmentLib.load(base="litemedsam", device="cpu"))
+    result = train(config)
+    assert result.steps == 8 and [r["step"] for r in result.history] == list(range(1, 9))
+    loss_8, dice_8 = loss_and_dice(SSAMSegmentLib.load(adapter=result.adapter_path, device="cpu"))
+    assert loss_8 < loss_0 * 0.9, (loss_0, loss_8)
+    assert dice_8 > dice_0 + 0.05, (dice_0, dice_8)
+    assert result.val_dice["polyp"] == pytest.approx(dice_8, abs=1e-6)  # the kept adapter is the one scored

@@ -108,8 +108,8 @@ class TrainingConfig:
             raise SSAMError(f"--micro-batch {self.micro_batch} is larger than --batch-size {self.batch_size}")
         if self.budget_minutes is not None:
             positive("budget", self.budget_minutes, example="--budget 30")
-        positive("lr", self.lr)
-        positive("lr_singular_values", self.lr_singular_values, optional=True)
+        positive("lr", self.lr, zero=True)  # 0 freezes a group (tests use it); below 0 would climb the loss
+        positive("lr_singular_values", self.lr_singular_values, optional=True, zero=True)
         positive("weight_decay", self.weight_decay, zero=True)
         if not (isinstance(self.val_fraction, (int, float)) and 0 <= self.val_fraction < 1):
             raise SSAMError(f"--val-fraction {self.val_fraction} must be at least 0 and below 1, e.g. 0.2")

@@ -205,9 +205,9 @@ def _rows(w: Path):
         "evaluate: report where no file can be made": ("cli", ["evaluate", str(w / "done.seg.nrrd"), str(w / "done.seg.nrrd"),
                                                                "--output", "/proc/r"], "cannot write to /proc"),
         # train
-        "train: --lr -1": ("cli", train + ["--lr", "-1"], "--lr -1.0 must be a finite number above 0"),
+        "train: --lr -1": ("cli", train + ["--lr", "-1"], "--lr -1.0 must be a finite number above 0 (or 0)"),
         "train: --lr nan": ("cli", train + ["--lr", "nan"], "--lr nan"),
-        "train: --lr-singular-values 0": ("cli", train + ["--lr-singular-values", "0"], "--lr-singular-values 0.0"),
+        "train: --lr-singular-values -0.5": ("cli", train + ["--lr-singular-values", "-0.5"], "--lr-singular-values -0.5"),
         "train: --steps 0": ("cli", train + ["--steps", "0"], "--steps 0 must be a whole number of at least 1"),
         "train: --steps -1": ("cli", train + ["--steps", "-1"], "--steps -1"),
         "train: --epochs 0": ("cli", train + ["--epochs", "0"], "--epochs 0"),

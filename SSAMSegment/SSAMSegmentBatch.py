@@ -1,8 +1,12 @@
-"""Segment image files without the GUI: one .seg.nrrd per input, a summary line per case.
+"""Segment image files without the GUI: one .seg.nrrd per input (or a DICOM SEG per DICOM input), a summary
+line per case.
 
     Slicer --no-main-window --python-script SSAMSegmentBatch.py --input FILE_OR_FOLDER --label gland [--label ...]
         --output FOLDER [--adapter FILE] [--device auto|cpu|gpu|cuda|mps] [--axis auto|axial|coronal|sagittal]
-        [--overwrite] [--allow-gaps]
+        [--overwrite] [--allow-gaps] [--dicom-seg]
+
+--dicom-seg: DICOM inputs (series folders, .dcm files) get a DICOM SEG <case>.dcm that references their series, for
+a PACS; the other inputs still get their .seg.nrrd.
 
 The same script runs under any Python that has SSAM Segment's packages (python SSAMSegmentBatch.py ...).
 A folder input means every image file in it (NIfTI, NRRD, MHA, PNG, JPEG, TIFF, BMP) and every sub-folder (a DICOM
@@ -63,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="replace outputs that already exist (a re-run); without it they are refused")
     parser.add_argument("--allow-gaps", action="store_true",
                         help="segment DICOM series with missing slices (the gaps stay empty at their true position)")
+    parser.add_argument("--dicom-seg", action="store_true",
+                        help="write a DICOM SEG (.dcm) for each DICOM input instead of a .seg.nrrd")
     return parser
 
 
@@ -85,14 +91,22 @@ def find_inputs(path: Path):
     return images + series
 
 
-def output_paths(inputs, folder: Path, overwrite: bool = False):
-    """One .seg.nrrd per case in `folder`, checked like every output of SSAM Segment (check_outputs): never an
-    input, never an existing file without --overwrite, two cases never onto one name. Creates nothing."""
+def is_dicom_input(path: Path) -> bool:
+    """A case read from DICOM: a series folder (find_inputs' folders) or a .dcm file."""
+    return path.is_dir() or path.name.lower().endswith(".dcm")
+
+
+def output_paths(inputs, folder: Path, overwrite: bool = False, dicom_seg: bool = False):
+    """One output per case in `folder` (.seg.nrrd, or a DICOM SEG .dcm with --dicom-seg for DICOM inputs), checked
+    like every output of SSAM Segment (check_outputs): never an input, never an existing file without --overwrite,
+    two cases never onto one name. Creates nothing."""
     from SSAMSegmentLib import SSAMError
     from SSAMSegmentLib.files.atomic_file import check_outputs
+    from SSAMSegmentLib.files.writers import OUTPUT_FORMATS
     from SSAMSegmentLib.inference.segment_files import default_output
 
-    outputs = [default_output(item, folder) for item in inputs]
+    outputs = [default_output(item, folder, OUTPUT_FORMATS["dicom-seg" if dicom_seg and is_dicom_input(item)
+                                                           else "seg-nrrd"]) for item in inputs]
     seen = {}
     for item, output in zip(inputs, outputs):
         if output in seen:
@@ -148,7 +162,14 @@ def run(argv) -> int:
                   f"once and agree to install them", file=sys.stderr)
             return EXIT_USAGE
         inputs = find_inputs(Path(args.input).expanduser())
-        outputs = output_paths(inputs, output_folder, args.overwrite)  # the folder is made with the first output
+        outputs = output_paths(inputs, output_folder, args.overwrite, dicom_seg=args.dicom_seg)  # creates nothing
+        if args.dicom_seg and any(is_dicom_input(item) for item in inputs):
+            from SSAMSegmentLib.files.dicom_seg import highdicom_module
+
+            try:
+                highdicom_module()
+            except SSAMError as error:
+                raise UsageError(str(error)) from None
         try:
             model = SSAMSegmentLib.load(adapter=args.adapter, device=device_name(args.device), merge=True)
         except SSAMError as error:
@@ -183,6 +204,8 @@ def run(argv) -> int:
             print(f"FAILED {item.name}: internal error ({type(error).__name__}: {error})", flush=True)
             continue
         print(f"OK     {item.name} -> {output} ({time.perf_counter() - start:.1f} s): {result.summary()}", flush=True)
+        for note in getattr(result, "notes", []):
+            print(f"       note: {note}", flush=True)
     done = len(inputs) - len(failed)
     print(f"{done} of {len(inputs)} case(s) segmented" + (f"; failed: {', '.join(failed)}" if failed else ""),
           flush=True)

@@ -127,10 +127,11 @@ def _parse_window(text):
 
 
 def _segment(args) -> int:
-    from .inference.segment_files import check_segment_outputs, segment_file
+    from .inference.segment_files import check_segment_outputs, dicom_source_for, segment_file
     from .inference.slice_inference import check_threshold, unique_labels
 
-    output, preview = check_segment_outputs(args.input, args.output, args.preview, args.overwrite)
+    output, preview = check_segment_outputs(args.input, args.output, args.preview, args.overwrite, args.format)
+    dicom_source = dicom_source_for(args.input, output)  # a DICOM SEG of a non-DICOM input fails here, before work
     unique_labels(args.label)
     check_threshold(args.threshold)
     window = _parse_window(args.window)
@@ -143,11 +144,13 @@ def _segment(args) -> int:
     try:
         result = segment_file(model, args.input, args.label, output, axis=args.axis, preview=preview,
                               threshold=args.threshold, intensity=args.intensity, window=window,
-                              progress=update, overwrite=args.overwrite, allow_gaps=args.allow_gaps,
-                              series=args.series)
+                              progress=update, overwrite=args.overwrite, dicom_source=dicom_source,
+                              allow_gaps=args.allow_gaps, series=args.series)
     finally:
         close()
     print(result.summary())
+    for note in result.notes:
+        print(f"note: {note}")
     for path in result.outputs:
         print(f"wrote {path}")
     return 0
@@ -172,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .model.text_encoders import TEXT_ENCODERS
     from .model.devices import DEVICE_CHOICES
     from .model.weights import WEIGHT_FILES
+    from .files.writers import OUTPUT_FORMATS
 
     parser = OneLineParser(prog="ssam", description="S-SAM: segment medical images from a label name.")
     parser.add_argument("--version", action="version", version=f"ssam {__version__}")
@@ -195,7 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--label", action="append", required=True, help="label name; repeat for several")
     segment.add_argument("--adapter", help="adapter file (default: the adapter shipped with SSAM Segment)")
     segment.add_argument("--base", choices=sorted(BASES), help="base model (default: the adapter's)")
-    segment.add_argument("--output", help="output .seg.nrrd or label map .nii.gz/.nrrd (default: ./<input>.seg.nrrd)")
+    segment.add_argument("--output", help="output .seg.nrrd, label map .nii.gz/.nrrd, or DICOM SEG .dcm (DICOM input "
+                                          "only) (default: ./<input>.seg.nrrd, or the --format's suffix)")
+    segment.add_argument("--format", choices=sorted(OUTPUT_FORMATS),
+                         help="output type when --output is not given (dicom-seg: ./<input>.dcm)")
     segment.add_argument("--axis", choices=AXES, default="auto")
     segment.add_argument("--device", default="auto", help=f"one of {', '.join(DEVICE_CHOICES)} or cuda:N")
     segment.add_argument("--threshold", type=float, default=0.5, help="mask probability threshold (default 0.5)")

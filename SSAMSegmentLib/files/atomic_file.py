@@ -84,7 +84,7 @@ def check_outputs(outputs: Iterable, inputs: Iterable = (), overwrite: bool = Fa
         for real_input, given in real_inputs:
             inside_folder = os.path.isdir(real_input) and _is_within(real, real_input) and os.path.lexists(path)
             if real == real_input or inside_folder or _same_file(path, given):
-                raise SSAMError(f"output {path} is the input {given}; SSAM Segment never writes to an input, "
+                raise SSAMError(f"output {path} is the input itself ({given}); SSAM Segment never writes to an input, "
                                 f"choose another output path")
         if real in seen:
             raise SSAMError(f"{seen[real]} and {path} are the same file; give each output its own name")

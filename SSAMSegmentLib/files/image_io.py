@@ -147,11 +147,22 @@ def _slice_positions(names) -> Optional[np.ndarray]:
     return np.array(positions)
 
 
-def _read_dicom_series(folder: Path, allow_gaps: bool = False, series: Optional[str] = None) -> sitk.Image:
+def dicom_series_files(folder, series: Optional[str] = None) -> list:
+    """The files of the DICOM series a folder is read as, in slice order (GDCM's sort by position along the slice
+    normal): file k is slice k of the image. A folder with several series: `series`, else the one with the most
+    slices, the usual main acquisition (said in a note)."""
+    return list(_choose_series(Path(folder), series)[1])
+
+
+def _read_dicom_series(folder: Path, allow_gaps: bool = False, series: Optional[str] = None, files=None) -> sitk.Image:
     """A DICOM series folder -> one volume. Missing or unreadable slices are found from the slice positions (before
     any pixel is read): refused, or with `allow_gaps` kept as empty slices at their true position (the grid keeps
-    the real slice spacing)."""
-    uid, names, all_series = _choose_series(folder, series)
+    the real slice spacing). `files`: the series' files already listed by dicom_series_files."""
+    if files:
+        names = [str(f) for f in files]
+        all_series = {"listed": names}
+    else:
+        _, names, all_series = _choose_series(folder, series)
     positions = _slice_positions(names) if len(names) > 2 else None
     slots = _slice_slots(folder, positions, all_series, allow_gaps) if positions is not None else None
     reader = sitk.ImageSeriesReader()
@@ -218,16 +229,17 @@ def _nifti_spacing_note(path: Path, image: sitk.Image) -> None:
              f"read as 1 mm there, so sizes in mm are not real")
 
 
-def read_image(path, allow_gaps: bool = False, series: Optional[str] = None) -> sitk.Image:
+def read_image(path, allow_gaps: bool = False, series: Optional[str] = None, dicom_files=None) -> sitk.Image:
     """Read and check one image; raise SSAMError naming the problem and the fix. A DICOM folder with missing slices
-    is refused unless `allow_gaps`; `series` picks one series (UID) of a folder holding several."""
+    is refused unless `allow_gaps`; `series` picks one series (UID) of a folder holding several. `dicom_files`: for a
+    DICOM series folder, its files as `dicom_series_files` listed them already (the folder is not scanned again)."""
     if path is None or not isinstance(path, (str, os.PathLike)) or not str(path).strip():
         raise SSAMError(f"input {path!r} is not a file path; give an image file or a DICOM series folder")
     path = Path(path).expanduser()
     if not path.exists():
         raise SSAMError(f"input {path} does not exist; check the path")
     try:
-        image = _read_dicom_series(path, allow_gaps, series) if path.is_dir() else sitk.ReadImage(str(path))
+        image = _read_dicom_series(path, allow_gaps, series, dicom_files) if path.is_dir() else sitk.ReadImage(str(path))
     except SSAMError:
         raise
     except RuntimeError as error:

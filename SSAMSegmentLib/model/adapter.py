@@ -153,4 +153,5 @@ def load_adapter(model, path) -> dict:
     if model.merged:
         model.merge()
     model.adapter_metadata = metadata
+    model.adapter_path = Path(path)  # what a DICOM SEG names (and hashes) as the algorithm's adapter
     return metadata

@@ -3,7 +3,7 @@ line per case.
 
     Slicer --no-main-window --python-script SSAMSegmentBatch.py --input FILE_OR_FOLDER --label gland [--label ...]
         --output FOLDER [--adapter FILE] [--device auto|cpu|gpu|cuda|mps] [--axis auto|axial|coronal|sagittal]
-        [--dicom-seg]
+        [--overwrite] [--allow-gaps] [--dicom-seg]
 
 --dicom-seg: DICOM inputs (series folders, .dcm files) get a DICOM SEG <case>.dcm that references their series, for
 a PACS; the other inputs still get their .seg.nrrd.
@@ -11,8 +11,10 @@ a PACS; the other inputs still get their .seg.nrrd.
 The same script runs under any Python that has SSAM Segment's packages (python SSAMSegmentBatch.py ...).
 A folder input means every image file in it (NIfTI, NRRD, MHA, PNG, JPEG, TIFF, BMP) and every sub-folder (a DICOM
 series). Exit code: 0 when every case succeeded, 1 when any failed (the others are still done and written),
-2 for bad arguments (nothing is done), 130 when interrupted. The segmentation itself is SSAMSegmentLib.segment_file,
-the same function as `ssam segment`; outputs are written only once complete.
+2 for bad arguments (one line on stderr, nothing is done), 130 when interrupted. Every output is checked before any
+work: an input is never written to, and an existing output (a re-run) is refused unless --overwrite is given. The
+segmentation itself is SSAMSegmentLib.segment_file, the same function as `ssam segment`; outputs are written only
+once complete.
 """
 
 import argparse
@@ -36,7 +38,10 @@ AXES = ("auto", "axial", "coronal", "sagittal")
 
 
 class UsageError(Exception):
-    """Bad arguments: reported with the usage line, exit code 2, nothing done."""
+    """Bad arguments: reported in one line, exit code 2, nothing done."""
+
+
+_PROG = "SSAMSegmentBatch.py"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -50,7 +55,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="SSAMSegmentBatch.py", description="Segment image files by label name with SSAM Segment.")
+    parser = _Parser(prog=_PROG, description="Segment image files by label name with SSAM Segment.")
     parser.add_argument("--input", required=True, help="an image file, a DICOM series folder, or a folder of images")
     parser.add_argument("--label", action="append", required=True,
                         help="structure name; repeat (or separate with commas) for several")
@@ -61,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     # Checked by SSAMSegmentLib.load (its PRECISIONS), which the parser cannot import before the packages are there.
     parser.add_argument("--precision", default="auto",
                         help="auto (default): bf16 where the hardware computes it natively; float32 forces it off")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace outputs that already exist (a re-run); without it they are refused")
+    parser.add_argument("--allow-gaps", action="store_true",
+                        help="segment DICOM series with missing slices (the gaps stay empty at their true position)")
     parser.add_argument("--dicom-seg", action="store_true",
                         help="write a DICOM SEG (.dcm) for each DICOM input instead of a .seg.nrrd")
     return parser
@@ -90,7 +99,12 @@ def is_dicom_input(path: Path) -> bool:
     return path.is_dir() or path.name.lower().endswith(".dcm")
 
 
-def output_paths(inputs, folder: Path, dicom_seg: bool = False):
+def output_paths(inputs, folder: Path, overwrite: bool = False, dicom_seg: bool = False):
+    """One output per case in `folder` (.seg.nrrd, or a DICOM SEG .dcm with --dicom-seg for DICOM inputs), checked
+    like every output of SSAM Segment (check_outputs): never an input, never an existing file without --overwrite,
+    two cases never onto one name. Creates nothing."""
+    from SSAMSegmentLib import SSAMError
+    from SSAMSegmentLib.files.atomic_file import check_outputs
     from SSAMSegmentLib.files.writers import OUTPUT_FORMATS
     from SSAMSegmentLib.inference.segment_files import default_output
 
@@ -102,7 +116,29 @@ def output_paths(inputs, folder: Path, dicom_seg: bool = False):
             raise UsageError(f"{seen[output].name} and {item.name} would both be written to {output.name}; "
                              f"rename one of them")
         seen[output] = item
+    try:
+        check_outputs(outputs, inputs=inputs, overwrite=overwrite)
+    except SSAMError as error:
+        raise UsageError(str(error).replace("(overwrite=True in Python) ", "")) from None
     return outputs
+
+
+def show_notes() -> None:
+    """SSAM Segment's notes (a chosen DICOM series, a replaced spacing) as one NOTE line each in the log."""
+    import warnings
+
+    from SSAMSegmentLib.errors import SSAMNote
+
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, SSAMNote):
+            print(f"NOTE   {message}", flush=True)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    warnings.simplefilter("always", SSAMNote)
 
 
 def device_name(text: str) -> str:
@@ -131,7 +167,7 @@ def run(argv) -> int:
                   f"once and agree to install them", file=sys.stderr)
             return EXIT_USAGE
         inputs = find_inputs(Path(args.input).expanduser())
-        outputs = output_paths(inputs, output_folder, dicom_seg=args.dicom_seg)
+        outputs = output_paths(inputs, output_folder, args.overwrite, dicom_seg=args.dicom_seg)  # creates nothing
         if args.dicom_seg and any(is_dicom_input(item) for item in inputs):
             from SSAMSegmentLib.files.dicom_seg import highdicom_module
 
@@ -144,24 +180,24 @@ def run(argv) -> int:
                                         precision=args.precision)
         except SSAMError as error:
             raise UsageError(str(error)) from None
-        try:
-            output_folder.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise UsageError(f"cannot create the output folder {output_folder} ({error.strerror or error})") from None
     except UsageError as error:
-        print(build_parser().format_usage().strip(), file=sys.stderr)
-        print(f"error: {error}", file=sys.stderr)
+        print(f"{_PROG}: error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:  # while PyTorch and the model load: nothing was started
+        print(f"{_PROG}: cancelled (Ctrl-C) before any case; nothing was written", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except SystemExit as done:  # --help
         return int(done.code or 0)
 
+    show_notes()
     print(f"SSAM Segment: {len(inputs)} case(s), labels {', '.join(labels)}, model {model.spec.id}, "
           f"device {model.device}, precision {model.precision}", flush=True)
     failed, said = [], set()
     for item, output in zip(inputs, outputs):
         start = time.perf_counter()
         try:
-            result = SSAMSegmentLib.segment_file(model, item, labels, output, axis=args.axis)
+            result = SSAMSegmentLib.segment_file(model, item, labels, output, axis=args.axis, overwrite=args.overwrite,
+                                                 allow_gaps=args.allow_gaps)
         except KeyboardInterrupt:
             print(f"cancelled during {item.name}; its output was not written", flush=True)
             return EXIT_INTERRUPTED

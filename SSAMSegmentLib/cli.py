@@ -1,20 +1,41 @@
 """The `ssam` command: info, download, segment, evaluate, train, demo.
 
-Every command turns a user-fixable problem (SSAMError) into one line on stderr and exit code 2, Ctrl-C into
-"cancelled" and exit code 130, and writes its outputs only when the work is complete.
+Every command turns a user-fixable problem (SSAMError, a bad argument) into one line on stderr and exit code 2,
+Ctrl-C at any moment (the start-up imports included) into one line and exit code 130, checks its outputs before any
+work (never an input, never an existing file without --overwrite) and writes them only when the work is complete.
 """
 
-import argparse
 import os
+import signal
 import sys
+
+CANCELLED_EXIT_CODE = 130
+
+
+def _cancelled_at_start_up(signum, frame):
+    """Ctrl-C before any work (parsing, importing PyTorch): nothing to clean up, so say so and stop at once."""
+    print("ssam: cancelled (Ctrl-C); nothing was written", file=sys.stderr, flush=True)
+    os._exit(CANCELLED_EXIT_CODE)
+
+
+if __name__ == "__main__":  # `python -m SSAMSegmentLib.cli`: before any other import; `ssam` installs it in main()
+    signal.signal(signal.SIGINT, _cancelled_at_start_up)
+
+import argparse  # noqa: E402  (after the Ctrl-C handler, like every import below)
 
 # OpenMP threads that wait by spinning make PyTorch several times slower whenever another process holds a core
 # (a second job, a browser): wait passively. Set before torch is imported.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from . import __version__
-from .model.devices import DEVICE_CHOICES, PRECISIONS
-from .errors import SSAMError
+from . import __version__  # noqa: E402
+from .errors import SSAMError  # noqa: E402
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse prints a usage block before its error: a bad argument is one line like every other error."""
+
+    def error(self, message):
+        raise SSAMError(f"{message}; see `{self.prog} --help`")
 
 
 def _progress_bar(description):
@@ -83,7 +104,8 @@ def _download(args) -> int:
     weight = WEIGHT_FILES[args.weights]
     update, close = _progress_bar(f"downloading {weight.id}")
     try:
-        path = download(weight, progress=lambda done, total: update(done / (total or weight.size), f"{done >> 20} MB"))
+        path = download(weight, progress=lambda done, total: update(done / (total or weight.size), f"{done >> 20} MB"),
+                        overwrite=args.overwrite)
     finally:
         close()
     print(f"{weight.id}: {path} (SHA256 verified)")
@@ -94,22 +116,23 @@ def _download(args) -> int:
 
 
 def _parse_window(text):
+    from .inference.intensity import check_window
+
     if text is None:
         return None
-    try:
-        level, width = (float(v) for v in text.split(","))
-    except ValueError:
-        raise SSAMError(f"--window '{text}' is not LEVEL,WIDTH; e.g. --window 40,400 for soft tissue") from None
-    return level, width
+    parts = text.split(",")
+    if len(parts) != 2:
+        raise SSAMError(f"--window '{text}' is not LEVEL,WIDTH; e.g. --window 40,400 for soft tissue")
+    return check_window(parts)
 
 
 def _prompts(args):
     """--box/--point/--negative-point, each '[LABEL=]numbers', as {label: PhysicalPrompt}."""
     from .inference.physical_prompts import PhysicalPrompt, parse_box, parse_point
-    from .model.labels import parse_labels as unique_labels
+    from .model.labels import parse_labels
     from .model.text_encoders import label_key
 
-    labels = unique_labels(args.label)
+    labels = parse_labels(args.label)
     prompts = {}
     for option, values in (("--box", args.box), ("--point", args.point), ("--negative-point", args.negative_point)):
         for text in values or []:
@@ -132,24 +155,31 @@ def _prompts(args):
 
 
 def _segment(args) -> int:
-    from .model.loading import load
-    from .inference.segment_files import check_output_path, dicom_source_for, resolve_output, segment_file
+    from .inference.segment_files import check_segment_outputs, dicom_source_for, segment_file
+    from .inference.slice_inference import check_threshold
     from .inference.sparse_slices import DEFAULT_PROBE_MM
+    from .model.labels import parse_labels
 
-    output = check_output_path(resolve_output(args.input, args.output, args.format))
+    output, preview = check_segment_outputs(args.input, args.output, args.preview, args.overwrite, args.format)
     dicom_source = dicom_source_for(args.input, output)  # a DICOM SEG of a non-DICOM input fails here, before work
+    parse_labels(args.label)
+    check_threshold(args.threshold)
+    window = _parse_window(args.window)
     prompts = _prompts(args)
     if args.box_only and not prompts:
         raise SSAMError("--box-only needs a --box or --point to prompt with")
+    from .model.loading import load
+
     model = load(base=args.base, adapter=args.adapter or "default", device=args.device, merge=True,
                  precision=args.precision)
     update, close = _progress_bar("segmenting")
     try:
-        result = segment_file(model, args.input, args.label, output, axis=args.axis, preview=args.preview,
-                              threshold=args.threshold, intensity=args.intensity, window=_parse_window(args.window),
-                              progress=update, dicom_source=dicom_source,
+        result = segment_file(model, args.input, args.label, output, axis=args.axis, preview=preview,
+                              threshold=args.threshold, intensity=args.intensity, window=window,
+                              progress=update, overwrite=args.overwrite, dicom_source=dicom_source,
                               probe_mm=None if args.every_slice else DEFAULT_PROBE_MM,
-                              context=args.context, prompts=prompts, use_text=not args.box_only)
+                              context=args.context, prompts=prompts, use_text=not args.box_only,
+                              allow_gaps=args.allow_gaps, series=args.series)
     finally:
         close()
     print(result.summary())
@@ -165,25 +195,27 @@ def _segment(args) -> int:
 def _demo(args) -> int:
     from .demo import run_demo
 
-    return run_demo(args.output, device=args.device, data_folder=args.data)
+    return run_demo(args.output, device=args.device, data_folder=args.data, overwrite=args.overwrite)
 
 
 # --- parser ---------------------------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .files.atomic_file import add_overwrite_argument
     from .training import evaluation
     from . import training_cli
     from .model.bases import BASES
     from .inference.slice_geometry import AXES
     from .inference.intensity import INTENSITY_MODES
     from .model.text_encoders import TEXT_ENCODERS
+    from .model.devices import DEVICE_CHOICES, PRECISIONS
     from .model.weights import WEIGHT_FILES
     from .files.writers import OUTPUT_FORMATS
 
-    parser = argparse.ArgumentParser(prog="ssam", description="S-SAM: segment medical images from a label name.")
+    parser = OneLineParser(prog="ssam", description="S-SAM: segment medical images from a label name.")
     parser.add_argument("--version", action="version", version=f"ssam {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=OneLineParser)
 
     info = commands.add_parser("info", help="show a model's base, text encoder and (trainable) parameters")
     info.add_argument("--base", choices=sorted(BASES))
@@ -195,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     download = commands.add_parser("download", help="download and verify pretrained weights into the cache")
     download.add_argument("weights", choices=sorted(WEIGHT_FILES))
+    add_overwrite_argument(download)
     download.set_defaults(run=_download)
 
     segment = commands.add_parser("segment", help="segment an image from label names")
@@ -236,6 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--box-only", action="store_true",
                          help="correct with the box and points alone, without the label's text (the base model as "
                               "it was trained)")
+    segment.add_argument("--allow-gaps", action="store_true",
+                         help="segment a DICOM series with missing slices (the gaps stay empty at their true position)")
+    segment.add_argument("--series", metavar="UID", help="the DICOM series to read from a folder holding several")
+    add_overwrite_argument(segment)
     segment.set_defaults(run=_segment)
 
     evaluate = commands.add_parser("evaluate", help="Dice, IoU and HD95 of predictions against references")
@@ -251,21 +288,54 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--data", help="folder holding glas-15/ for the gland image, which cannot be shipped "
                                      "(default: $SSAM_TEST_DATA, else the shared data folder beside the repository)")
     demo.add_argument("--device", default="auto")
+    add_overwrite_argument(demo)
     demo.set_defaults(run=_demo)
     return parser
 
 
+def _one_line_notes(command_name, held):
+    """Our notes (a chosen DICOM series, a replaced spacing) are held and said, one `note:` line each, when the
+    command succeeds: a failed command says only its error. Other libraries' warnings (PyTorch, ITK through Python)
+    are not for the user of a command and add no lines."""
+    import warnings
+
+    from .errors import SSAMNote
+
+    def hold(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, SSAMNote):
+            held.append(f"{command_name()}: note: {message}")
+
+    warnings.showwarning = hold
+    warnings.simplefilter("always", SSAMNote)
+
+
 def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return int(args.run(args) or 0)
-    except SSAMError as error:
-        print(f"ssam {args.command}: error: {error}", file=sys.stderr)
-        return error.exit_code
-    except KeyboardInterrupt:
-        print(f"ssam {args.command}: cancelled (Ctrl-C); nothing partial was written", file=sys.stderr)
-        return 130
+    import warnings
+
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is signal.default_int_handler:  # not where a host (or `python -m`) installed its own handler
+        signal.signal(signal.SIGINT, _cancelled_at_start_up)
+    command = ["ssam"]  # named once the arguments are parsed
+    notes = []
+    with warnings.catch_warnings():
+        _one_line_notes(lambda: command[0], notes)
+        try:
+            args = build_parser().parse_args(argv)
+            command[0] = f"ssam {args.command}"
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # from here Ctrl-C cleans up what it stops
+            code = int(args.run(args) or 0)
+            for line in notes:
+                print(line, file=sys.stderr)
+            return code
+        except SSAMError as error:
+            print(f"{command[0]}: error: {error}", file=sys.stderr)
+            return error.exit_code
+        except KeyboardInterrupt:
+            print(f"{command[0]}: cancelled (Ctrl-C); nothing partial was written", file=sys.stderr)
+            return CANCELLED_EXIT_CODE
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
 
 
 if __name__ == "__main__":

@@ -128,10 +128,15 @@ def _nuclei_tile(folder: Path) -> tuple:
     return path, mask
 
 
-def _segment(model, image: Path, labels, folder: Path, stem: str):
+def _outputs(folder: Path, stem: str):
+    return folder / f"{stem}.seg.nrrd", folder / f"{stem}.preview.png"
+
+
+def _segment(model, image: Path, labels, folder: Path, stem: str, overwrite: bool):
     from .inference.segment_files import segment_file
 
-    result = segment_file(model, image, labels, folder / f"{stem}.seg.nrrd", preview=folder / f"{stem}.preview.png")
+    output, preview = _outputs(folder, stem)
+    result = segment_file(model, image, labels, output, preview=preview, overwrite=overwrite)
     print(f"result       {result.summary()}")
     for line in [f"note: {note}" for note in result.notes] + [f"warning: {warning}" for warning in result.warnings]:
         print(f"             {line}")
@@ -148,11 +153,17 @@ def _check(result, manual, what: str):
     print(f"check        Dice {dice:.3f} against the manual {what} mask")
 
 
-def run_demo(output_folder="ssam-demo", device="auto", data_folder=None) -> int:
+def run_demo(output_folder="ssam-demo", device="auto", data_folder=None, overwrite=False) -> int:
+    from .files.atomic_file import check_outputs
     from .model.loading import load
 
     start = time.perf_counter()
-    folder = Path(output_folder)
+    folder = Path(output_folder).expanduser()
+    ct = ct_image()
+    # All the demo's files are checked before any work: a second run asks for --overwrite rather than replacing them.
+    check_outputs([folder / "nuclei_tile.nrrd", *_outputs(folder, "gland"), *_outputs(folder, "nuclei_tile"),
+                   *_outputs(folder, "CT_small")],
+                  inputs=[ct], overwrite=overwrite)
     model = load(adapter="default", device=device, merge=True)
     trained = model.labels.taught_names()
     print(f"model        {model.spec.id} + default adapter ({len(trained)} labels: {', '.join(trained)})")
@@ -165,7 +176,7 @@ def run_demo(output_folder="ssam-demo", device="auto", data_folder=None) -> int:
         print(f"\nimage 1      {gland_image.resolve()} (colon histology, H&E, GlaS {gland_image.stem}: a validation "
               f"image, not used in training)")
         print("labels       gland")
-        _check(_segment(model, gland_image, ["gland"], folder, "gland"), _manual_mask(gland_mask), "gland")
+        _check(_segment(model, gland_image, ["gland"], folder, "gland", overwrite), _manual_mask(gland_mask), "gland")
 
     try:
         tile, manual = _nuclei_tile(folder)
@@ -175,13 +186,12 @@ def run_demo(output_folder="ssam-demo", device="auto", data_folder=None) -> int:
         print(f"\nimage 2      {tile.resolve()} (fluorescence nuclei, DSB2018 via the stardist wheel; "
               f"a tile not used in training)")
         print("labels       nucleus")
-        _check(_segment(model, tile, ["nucleus"], folder, "nuclei_tile"), manual, "nucleus")
+        _check(_segment(model, tile, ["nucleus"], folder, "nuclei_tile", overwrite), manual, "nucleus")
 
-    ct = ct_image()
     labels = [label for label in CT_LABELS if model.labels.knows(label)] or trained[:3]
     print(f"\nimage 3      {ct} (real chest CT slice from the pydicom package, a close-up of one vertebra)")
     print(f"labels       {', '.join(labels)}")
-    _segment(model, ct, labels, folder, "CT_small")
+    _segment(model, ct, labels, folder, "CT_small", overwrite)
     print(f"\ndone in {time.perf_counter() - start:.1f} s; open each .seg.nrrd in 3D Slicer with its image, or look at "
           f"the preview PNGs. An empty mask of a label the model was taught means it is absent: a valid answer, "
           f"not an error.")

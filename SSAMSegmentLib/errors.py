@@ -19,3 +19,15 @@ class Cancelled(SSAMError):
     """The user asked to stop (Cancel button, Ctrl-C). Nothing partial was written."""
 
     exit_code = 130
+
+
+class SSAMNote(UserWarning):
+    """A choice the tool made for the user (which DICOM series, a replaced spacing): said in one line, the work goes on.
+    Issued with `note(message)` through Python's warnings, so the command line, the batch script and Slicer each
+    show it their way (the command line as one `note:` line on stderr)."""
+
+
+def note(message: str) -> None:
+    import warnings
+
+    warnings.warn(" ".join(str(message).split()), SSAMNote, stacklevel=2)

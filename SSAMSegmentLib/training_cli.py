@@ -9,14 +9,15 @@ import sys
 import threading
 from pathlib import Path
 
-from .files.atomic_file import atomic_output
-from .model.devices import DEVICE_CHOICES
+from .files.atomic_file import add_overwrite_argument, atomic_output, output_set
+from .errors import SSAMError
 
 
 def add_arguments(parser):
     from .training.recipe import (CPU_BATCH, CUDA_BATCH_PER_PROCESS, DEFAULT_LR, DEFAULT_LR_SINGULAR_VALUES,
                                   DEFAULT_PATIENCE, DEFAULT_STEPS, RARE_LABEL_SHARE)
     from .model.bases import BASES
+    from .model.devices import DEVICE_CHOICES
     from .inference.slice_geometry import AXES
     from .model.text_encoders import TEXT_ENCODERS
 
@@ -65,6 +66,15 @@ def add_arguments(parser):
     parser.add_argument("--keep-largest", action="append", metavar="LABEL",
                         help="a label that is one connected organ (e.g. liver): segmenting keeps only its largest 3D "
                              "component; repeat for several")
+    add_overwrite_argument(parser)
+
+
+def report_paths(output) -> tuple:
+    """The metrics CSV and the curves PNG written beside the adapter."""
+    if not Path(output).name.strip():
+        raise SSAMError(f"--output '{output}' is not a file name; give e.g. my.adapter.safetensors")
+    metrics = Path(output).with_suffix("").with_suffix(".metrics.csv")
+    return metrics, metrics.with_suffix("").with_suffix(".curves.png")
 
 
 def run(args) -> int:
@@ -79,7 +89,10 @@ def run(args) -> int:
         val_fraction=args.val_fraction, val_data=args.val_data, seed=args.seed, resume=args.resume, device=args.device, axis=args.axis,
         balanced=args.balanced, augment=not args.no_augment, tune=args.tune, image_size=args.image_size,
         keep_largest=args.keep_largest,
+        overwrite=args.overwrite,
     )
+    metrics, curves = report_paths(args.output)
+    config.check().check_outputs(also=(metrics, curves))  # before the data is read or the model loaded
     cancel = threading.Event()
     display = _Display()
 
@@ -97,10 +110,9 @@ def run(args) -> int:
         display.close()
     if not display.is_main:
         return 0
-    metrics = Path(args.output).with_suffix("").with_suffix(".metrics.csv")
-    curves = metrics.with_suffix("").with_suffix(".curves.png")
-    write_metrics_csv(metrics, result.history, display.losses)
-    write_curves_png(curves, result.history, display.losses)
+    with output_set():  # the metrics and the curves together or neither
+        write_metrics_csv(metrics, result.history, display.losses)
+        write_curves_png(curves, result.history, display.losses)
     print(format_result_table(result))
     print(f"adapter     {result.adapter_path}")
     print(f"checkpoint  {result.checkpoint_path} (continue with --resume)")

@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE=1
 .venv/bin/python scripts/build_default_training_data.py "$DATA"
 COMMAND=(.venv/bin/ssam train "$DATA/ct-mr" "$DATA/polyp-train" "$DATA/nuclei-train"
          --val-data "$DATA/val-ct" "$DATA/val-dcmqi" "$DATA/polyp-val" "$DATA/nuclei-val"
-         --output Resources/Models/ssam-default.adapter.safetensors --seed 0
+         --output Resources/Models/ssam-default.adapter.safetensors --seed 0 --overwrite
          --keep-largest liver --keep-largest spleen)  # the default recipe (docs/fine_tuning.md)
 "${COMMAND[@]}"
 .venv/bin/python scripts/write_model_card.py Resources/Models/ssam-default.adapter.safetensors \

@@ -4,14 +4,16 @@ Everything comes back as a SimpleITK image of dimension 2 or 3, scalar or 3-comp
 """
 
 import gzip
+import os
 import struct
 import zlib
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import SimpleITK as sitk
 
-from ..errors import SSAMError
+from ..errors import SSAMError, note
 
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".png", ".jpg", ".jpeg", ".tif", ".tiff",
                   ".bmp", ".dcm")
@@ -31,32 +33,44 @@ def strip_image_suffix(name: str) -> str:
     return Path(name).stem
 
 
+def _nifti_header(path: Path, stream=None) -> Optional[dict]:
+    """dims, bitpix, vox_offset and pixdim of a NIfTI-1/2 header (.nii or .nii.gz), or None for another header."""
+    if stream is None:
+        opener = gzip.open if path.name.lower().endswith(".gz") else open
+        try:
+            with opener(path, "rb") as handle:
+                return _nifti_header(path, handle)
+        except (EOFError, OSError, zlib.error, struct.error):
+            return None
+    header = stream.read(540)
+    for order in "<>":
+        if struct.unpack(order + "i", header[:4])[0] == 348:  # NIfTI-1
+            return {"dims": struct.unpack(order + "8h", header[40:56]), "bitpix": struct.unpack(order + "h", header[72:74])[0],
+                    "offset": int(struct.unpack(order + "f", header[108:112])[0]),
+                    "pixdim": struct.unpack(order + "8f", header[76:108]), "length": len(header)}
+        if struct.unpack(order + "i", header[:4])[0] == 540:  # NIfTI-2
+            return {"dims": struct.unpack(order + "8q", header[16:80]), "bitpix": struct.unpack(order + "h", header[14:16])[0],
+                    "offset": struct.unpack(order + "q", header[168:176])[0],
+                    "pixdim": struct.unpack(order + "8d", header[104:168]), "length": len(header)}
+    return None
+
+
 def _nifti_is_truncated(path: Path) -> bool:
     """ITK reads a truncated NIfTI (.nii or .nii.gz) without an error, zero-filling the missing voxels: compare the
     voxel bytes the header announces with those present (a .nii.gz is decompressed, and nothing is kept)."""
     opener = gzip.open if path.name.lower().endswith(".gz") else open
     try:
         with opener(path, "rb") as stream:
-            header = stream.read(540)
-            for order in "<>":
-                if struct.unpack(order + "i", header[:4])[0] == 348:  # NIfTI-1
-                    dims = struct.unpack(order + "8h", header[40:56])
-                    bitpix = struct.unpack(order + "h", header[72:74])[0]
-                    offset = int(struct.unpack(order + "f", header[108:112])[0])
-                    break
-                if struct.unpack(order + "i", header[:4])[0] == 540:  # NIfTI-2
-                    dims = struct.unpack(order + "8q", header[16:80])
-                    bitpix = struct.unpack(order + "h", header[14:16])[0]
-                    offset = struct.unpack(order + "q", header[168:176])[0]
-                    break
-            else:
+            header = _nifti_header(path, stream)
+            if header is None:
                 return False  # not a header we know: leave the verdict to ITK
+            dims = header["dims"]
             if not 1 <= dims[0] <= 7:
                 return False
-            expected = offset + int(np.prod(dims[1:dims[0] + 1], dtype=np.int64)) * bitpix // 8
+            expected = header["offset"] + int(np.prod(dims[1:dims[0] + 1], dtype=np.int64)) * header["bitpix"] // 8
             if opener is open:
                 return path.stat().st_size < expected
-            remaining = expected - len(header)
+            remaining = expected - header["length"]
             while remaining > 0:
                 chunk = stream.read(min(remaining, 1 << 24))
                 if not chunk:
@@ -86,31 +100,146 @@ def is_truncated(path) -> bool:
     return False  # NRRD, MHA, PNG, TIFF: ITK's readers fail on a short file
 
 
-def dicom_series_files(folder) -> list:
-    """The files of the DICOM series a folder is read as, in slice order (GDCM's sort by position along the slice
-    normal): file k is slice k of the image. A folder with several series: the one with the most slices, the usual
-    main acquisition."""
+def _dicom_header(path: str) -> sitk.ImageFileReader:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(path)
+    reader.ReadImageInformation()
+    return reader
+
+
+def _numbers(reader: sitk.ImageFileReader, tag: str):
+    try:
+        return [float(v) for v in reader.GetMetaData(tag).split("\\")] if reader.HasMetaDataKey(tag) else None
+    except ValueError:
+        return None
+
+
+def _choose_series(folder: Path, series: Optional[str]):
+    """The file names of the series to read: the one asked for, or the only one, or (said in a note) the largest."""
     reader = sitk.ImageSeriesReader()
-    series = reader.GetGDCMSeriesIDs(str(folder))
-    if not series:
+    uids = reader.GetGDCMSeriesIDs(str(folder))
+    if not uids:
         raise SSAMError(f"{folder} is a folder without a DICOM series; give an image file or a DICOM series folder")
-    return list(max((reader.GetGDCMSeriesFileNames(str(folder), sid) for sid in series), key=len))
+    files = {uid: reader.GetGDCMSeriesFileNames(str(folder), uid) for uid in uids}
+    if series is not None:
+        if series not in files:
+            raise SSAMError(f"{folder} has no DICOM series {series}; it has {', '.join(uids)}")
+        return series, files[series], files
+    if len(uids) == 1:
+        return uids[0], files[uids[0]], files
+    chosen = max(uids, key=lambda uid: len(files[uid]))  # the usual main acquisition
+    others = ", ".join(f"{uid} ({len(files[uid])} files)" for uid in uids if uid != chosen)
+    note(f"{folder} holds {len(uids)} DICOM series; using {chosen} ({len(files[chosen])} files), the largest; "
+         f"choose another with --series UID ({others})")
+    return chosen, files[chosen], files
 
 
-def _read_dicom_series(folder: Path, files=None) -> sitk.Image:
+def _slice_positions(names) -> Optional[np.ndarray]:
+    """Each file's position along the slice normal (mm), or None when a header lacks position or orientation."""
+    positions = []
+    for name in names:
+        header = _dicom_header(name)
+        position, orientation = _numbers(header, "0020|0032"), _numbers(header, "0020|0037")
+        if not position or not orientation or len(position) != 3 or len(orientation) != 6:
+            return None
+        normal = np.cross(orientation[:3], orientation[3:])
+        positions.append(float(np.dot(position, normal)))
+    return np.array(positions)
+
+
+def dicom_series_files(folder, series: Optional[str] = None) -> list:
+    """The files of the DICOM series a folder is read as, in slice order (GDCM's sort by position along the slice
+    normal): file k is slice k of the image. A folder with several series: `series`, else the one with the most
+    slices, the usual main acquisition (said in a note)."""
+    return list(_choose_series(Path(folder), series)[1])
+
+
+def _read_dicom_series(folder: Path, allow_gaps: bool = False, series: Optional[str] = None, files=None) -> sitk.Image:
+    """A DICOM series folder -> one volume. Missing or unreadable slices are found from the slice positions (before
+    any pixel is read): refused, or with `allow_gaps` kept as empty slices at their true position (the grid keeps
+    the real slice spacing). `files`: the series' files already listed by dicom_series_files."""
+    if files:
+        names = [str(f) for f in files]
+        all_series = {"listed": names}
+    else:
+        _, names, all_series = _choose_series(folder, series)
+    positions = _slice_positions(names) if len(names) > 2 else None
+    slots = _slice_slots(folder, positions, all_series, allow_gaps) if positions is not None else None
     reader = sitk.ImageSeriesReader()
-    reader.SetFileNames([str(f) for f in files] if files else dicom_series_files(folder))
-    return reader.Execute()
+    reader.SetFileNames(names)
+    image = reader.Execute()
+    if slots is not None:
+        image = _with_gaps(image, folder, *slots)
+    first = _dicom_header(names[0])
+    pixel_spacing = _numbers(first, "0028|0030")
+    if not pixel_spacing or len(pixel_spacing) != 2 or min(pixel_spacing) <= 0:
+        note(f"{folder}: the DICOM files have no valid pixel spacing; read as 1 mm, so sizes in mm are not real")
+    return image
 
 
-def read_image(path, dicom_files=None) -> sitk.Image:
-    """Read and check one image; raise SSAMError naming the problem and the fix. `dicom_files`: for a DICOM series
-    folder, its files as `dicom_series_files` listed them already (the folder is then not scanned a second time)."""
+def _slice_slots(folder, positions, all_series, allow_gaps):
+    """None for an evenly spaced series; else (slot of each file, slice step) or a refusal naming the gap."""
+    order = np.argsort(positions)
+    ascending = np.array_equal(order, np.arange(len(positions)))
+    if not ascending and not np.array_equal(order, np.arange(len(positions))[::-1]):
+        return None  # GDCM sorted by something other than position (e.g. a time series): leave its order
+    steps = np.abs(np.diff(positions))
+    if np.any(steps < 1e-3):
+        raise SSAMError(f"{folder}: two files of the DICOM series are at the same slice position; keep one copy "
+                        f"of each slice (or one acquisition per folder)")
+    step = float(steps.min())
+    if steps.max() <= 1.5 * step:
+        return None
+    missing = int(np.sum(np.round(steps / step) - 1))
+    where = int(np.argmax(steps))
+    loose = sum(1 for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")) - sum(
+        len(names) for names in all_series.values())
+    unreadable = f"; {loose} file(s) in the folder are not readable DICOM" if loose > 0 else ""
+    if not allow_gaps:
+        raise SSAMError(f"DICOM series in {folder} has a gap: about {missing} slice(s) missing (the largest gap "
+                        f"{steps[where]:.1f} mm after slice {where + 1}, where slices are {step:.1f} mm apart"
+                        f"{unreadable}); restore the missing files, or add --allow-gaps to keep the gap empty")
+    return np.round(np.abs(positions - positions[0]) / step).astype(int), step
+
+
+def _with_gaps(image: sitk.Image, folder: Path, slots: np.ndarray, step: float) -> sitk.Image:
+    """The series' slices at their slots of an evenly spaced grid; the missing ones filled with the lowest value
+    (a constant slice, which segmentation leaves empty)."""
+    array = sitk.GetArrayFromImage(image)
+    filled = np.full((int(slots[-1]) + 1,) + array.shape[1:], array.min(), dtype=array.dtype)
+    filled[slots] = array
+    placed = sitk.GetImageFromArray(filled, isVector=image.GetNumberOfComponentsPerPixel() > 1)
+    placed.SetOrigin(image.GetOrigin())
+    placed.SetDirection(image.GetDirection())
+    placed.SetSpacing(image.GetSpacing()[:2] + (step,))
+    note(f"DICOM series in {folder}: {len(filled) - len(array)} missing slice(s) left empty at their true "
+         f"position (--allow-gaps); slices {step:.2f} mm apart")
+    return placed
+
+
+def _nifti_spacing_note(path: Path, image: sitk.Image) -> None:
+    """ITK reads a NIfTI voxel size of 0 or NaN as 1 mm without a word: say it."""
+    header = _nifti_header(path)
+    if header is None:
+        return
+    pixdim = header["pixdim"][1:1 + min(header["dims"][0], image.GetDimension())]
+    bad = [axis for axis, value in zip("xyz", pixdim) if not (np.isfinite(value) and value > 0)]
+    if bad:
+        note(f"{path} has no valid voxel size along {', '.join(bad)} in its header ({', '.join(f'{v:g}' for v in pixdim)}); "
+             f"read as 1 mm there, so sizes in mm are not real")
+
+
+def read_image(path, allow_gaps: bool = False, series: Optional[str] = None, dicom_files=None) -> sitk.Image:
+    """Read and check one image; raise SSAMError naming the problem and the fix. A DICOM folder with missing slices
+    is refused unless `allow_gaps`; `series` picks one series (UID) of a folder holding several. `dicom_files`: for a
+    DICOM series folder, its files as `dicom_series_files` listed them already (the folder is not scanned again)."""
+    if path is None or not isinstance(path, (str, os.PathLike)) or not str(path).strip():
+        raise SSAMError(f"input {path!r} is not a file path; give an image file or a DICOM series folder")
     path = Path(path).expanduser()
     if not path.exists():
         raise SSAMError(f"input {path} does not exist; check the path")
     try:
-        image = _read_dicom_series(path, dicom_files) if path.is_dir() else sitk.ReadImage(str(path))
+        image = _read_dicom_series(path, allow_gaps, series, dicom_files) if path.is_dir() else sitk.ReadImage(str(path))
     except SSAMError:
         raise
     except RuntimeError as error:
@@ -121,11 +250,16 @@ def read_image(path, dicom_files=None) -> sitk.Image:
         ) from None
     if path.is_file() and is_truncated(path):
         raise SSAMError(f"{path} is truncated (the file ends before its last voxel); copy or export it again")
-    return check_image(image, str(path))
+    image = check_image(image, str(path))
+    if path.is_file() and path.name.lower().endswith((".nii", ".nii.gz")):
+        _nifti_spacing_note(path, image)
+    return image
 
 
 def check_image(image: sitk.Image, name: str = "image") -> sitk.Image:
     """Accept 2D/3D scalar or RGB(A) images; squeeze a 3D image of one slice stored as 4D; refuse the rest."""
+    if not isinstance(image, sitk.Image):
+        raise SSAMError(f"{name} is {type(image).__name__}, not an image; give a SimpleITK image or a numpy array")
     dimension = image.GetDimension()
     if dimension == 4 and image.GetSize()[3] == 1:
         image = sitk.Extract(image, list(image.GetSize()[:3]) + [0], [0, 0, 0, 0])
@@ -155,7 +289,12 @@ def is_rgb(image: sitk.Image) -> bool:
 
 def image_from_array(array, spacing=None, origin=None, direction=None, rgb=None) -> sitk.Image:
     """A numpy array in SimpleITK order ((z,) y, x[, 3]) plus its geometry -> checked SimpleITK image."""
+    if array is None or isinstance(array, (str, bytes)) or not hasattr(array, "__len__"):
+        raise SSAMError(f"the image is {type(array).__name__}, not an image; give a SimpleITK image or a numpy array")
     array = np.asarray(array)
+    if array.dtype.kind not in "buif" or not 2 <= array.ndim <= 4:
+        raise SSAMError(f"the image array has dtype {array.dtype} and {array.ndim} dimension(s); give a 2D or 3D "
+                        f"numeric array ((z,) y, x[, 3])")
     if rgb is None:
         rgb = array.ndim in (3, 4) and array.shape[-1] == 3 and array.dtype == np.uint8
     image = sitk.GetImageFromArray(array, isVector=bool(rgb))

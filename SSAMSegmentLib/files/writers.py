@@ -2,7 +2,8 @@
 (dicom_seg.py, for an image read from DICOM), a PNG preview.
 
 Masks are `OrderedDict[str, SimpleITK.Image]` (label name -> uint8 0/1, all on the input image's grid). Every file is
-written through `atomic_output`: a failed write leaves nothing new behind and never touches an existing file.
+written through `atomic_output`, a result's files as one `output_set`: a failed write leaves nothing new behind and
+never touches an existing file.
 """
 
 import json
@@ -13,7 +14,7 @@ import numpy as np
 import SimpleITK as sitk
 from PIL import Image, ImageDraw, ImageFont
 
-from .atomic_file import atomic_output, check_writable
+from .atomic_file import atomic_output, output_set
 from ..errors import SSAMError
 from .image_io import same_geometry
 from .seg_nrrd import check_masks, mask_array, segment_colors, write_seg_nrrd
@@ -64,13 +65,14 @@ def write_label_map(path, masks) -> Path:
     label_image.CopyInformation(reference)
     sidecar = json.dumps({str(value): name for value, name in enumerate(names, start=1)}, indent=2,
                          ensure_ascii=False) + "\n"
-    # Both files are renamed into place only after both are written (the label map first, then its sidecar).
-    with atomic_output(sidecar_path(path), ".json") as json_temporary, atomic_output(path, suffix) as temporary:
-        try:
-            sitk.WriteImage(label_image, str(temporary), useCompression=True)
-        except RuntimeError as error:
-            raise OSError(str(error).strip().splitlines()[-1] if str(error).strip() else "write failed") from None
-        json_temporary.write_text(sidecar, encoding="utf-8")
+    with output_set():  # the label map and its sidecar appear together or not at all
+        with atomic_output(path, suffix) as temporary:
+            try:
+                sitk.WriteImage(label_image, str(temporary), useCompression=True)
+            except RuntimeError as error:
+                raise OSError(str(error).strip().splitlines()[-1] if str(error).strip() else "write failed") from None
+        with atomic_output(sidecar_path(path), ".json") as json_temporary:
+            json_temporary.write_text(sidecar, encoding="utf-8")
     return path
 
 
@@ -253,18 +255,16 @@ def write_outputs(output_path, image: sitk.Image, masks, preview_path=None, arra
     if not same_geometry(image, reference):
         raise SSAMError(f"masks (size {reference.GetSize()}) are not on the image's grid (size {image.GetSize()}); "
                         f"write masks computed on this image")
-    check_writable(output_path)
-    if preview_path is not None:
-        check_writable(preview_path)
     written: List[Path] = []
-    if suffix == ".seg.nrrd":
-        written.append(write_seg_nrrd(output_path, masks))
-    elif suffix == DICOM_SEG_SUFFIX:
-        from .dicom_seg import write_dicom_seg  # imported here: highdicom loads its standard tables (~2 s)
+    with output_set():  # the image, its sidecar and the preview appear together or not at all
+        if suffix == ".seg.nrrd":
+            written.append(write_seg_nrrd(output_path, masks))
+        elif suffix == DICOM_SEG_SUFFIX:
+            from .dicom_seg import write_dicom_seg  # imported here: highdicom loads its standard tables (~2 s)
 
-        written.append(write_dicom_seg(output_path, masks, dicom_source, algorithm)[0])
-    else:
-        written += [write_label_map(output_path, masks), sidecar_path(output_path)]
-    if preview_path is not None:
-        written.append(write_preview_png(preview_path, image, masks, array_axis=array_axis))
+            written.append(write_dicom_seg(output_path, masks, dicom_source, algorithm)[0])
+        else:
+            written += [write_label_map(output_path, masks), sidecar_path(output_path)]
+        if preview_path is not None:
+            written.append(write_preview_png(preview_path, image, masks, array_axis=array_axis))
     return written

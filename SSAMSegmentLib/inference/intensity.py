@@ -9,6 +9,7 @@ One mapping is chosen per image (never per slice, so a slice's brightness does n
 """
 
 import dataclasses
+import math
 from typing import Optional
 
 import numpy as np
@@ -59,14 +60,27 @@ def _sample(array: np.ndarray) -> np.ndarray:
     return flat[:: flat.size // _PERCENTILE_SAMPLE + 1]
 
 
+def check_window(window) -> Optional[tuple]:
+    """A CT window (level, width) in HU: two finite numbers, the width positive; None stays None."""
+    if window is None:
+        return None
+    try:
+        level, width = (float(v) for v in window)
+    except (TypeError, ValueError):
+        raise SSAMError(f"window {window!r} is not LEVEL,WIDTH; e.g. --window 40,400 for soft tissue") from None
+    if not (math.isfinite(level) and math.isfinite(width)) or width <= 0:
+        raise SSAMError(f"window {level:g},{width:g}: the level must be finite and the width must be positive and "
+                        f"finite; e.g. --window 40,400 for soft tissue")
+    return level, width
+
+
 def choose_mapping(image: sitk.Image, mode: str = "auto", window: Optional[tuple] = None) -> IntensityMapping:
     """The intensity mapping for `image`. mode: auto | ct | percentile | none; window: (level, width) for CT."""
     if mode not in INTENSITY_MODES:
         raise SSAMError(f"unknown intensity mode '{mode}'; use one of: {', '.join(INTENSITY_MODES)}")
+    window = check_window(window)
     if window is not None:
-        level, width = (float(v) for v in window)
-        if width <= 0:
-            raise SSAMError(f"window width must be positive, got {width:g}")
+        level, width = window
         return IntensityMapping("ct", level - width / 2, level + width / 2)
     array = sitk.GetArrayViewFromImage(image)
     if image.GetNumberOfComponentsPerPixel() == 3:

@@ -126,6 +126,17 @@ class SegmentationResult:
         return "; ".join(parts) + f" [{details}]"
 
 
+def check_threshold(threshold) -> float:
+    """The mask probability threshold, strictly between 0 and 1 (NaN and non-numbers refused), as a logit."""
+    try:
+        value = float(threshold)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not 0.0 < value < 1.0:
+        raise SSAMError(f"threshold {threshold} is not a probability in (0, 1); use e.g. --threshold 0.5")
+    return math.log(value / (1.0 - value))
+
+
 def _check_cancel(cancel):
     if cancel is not None and cancel.is_set():
         raise Cancelled("segmentation cancelled; nothing was written")
@@ -206,13 +217,6 @@ def slice_logits(model, image: sitk.Image, requested, axis: str = "auto", intens
     del targets, source
     return SliceLogits(image, names, geometry, mapping, outputs, quality, schedule.skipped + without_signal,
                        matches, trained, precision)
-
-
-def check_threshold(threshold) -> float:
-    """The probability threshold as a logit, checked."""
-    if not 0.0 < float(threshold) < 1.0:
-        raise SSAMError(f"threshold {threshold} is outside (0, 1); use a probability such as 0.5")
-    return math.log(threshold / (1.0 - threshold))
 
 
 def segment_image(model, image: sitk.Image, requested, axis: str = "auto", threshold: float = 0.5,

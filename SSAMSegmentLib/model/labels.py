@@ -66,6 +66,13 @@ def parse_labels(labels: Union[str, Iterable[str], None]) -> List[str]:
     """The label names asked for, split and de-duplicated; at least one, else a one-line SSAMError."""
     from ..errors import SSAMError
 
+    if labels is not None and not isinstance(labels, str):
+        try:
+            labels = list(labels)
+        except TypeError:
+            labels = [labels]
+        if not all(isinstance(label, str) for label in labels):
+            raise SSAMError(f"labels {labels!r} are not label names; give a name or a list of names, e.g. ['liver']")
     names = unique(split_labels(labels))
     if not names:
         raise SSAMError("no label name given; name the structure to segment, e.g. --label liver")

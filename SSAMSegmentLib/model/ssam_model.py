@@ -263,11 +263,11 @@ class SSAM(nn.Module):
         from ..files.image_io import image_from_array
         from ..inference.refinement import apply_refinements, check_prompts, prompts_by_label
         from ..inference.slice_inference import segment_image
-        from .labels import parse_labels as unique_labels
+        from .labels import parse_labels
 
         if not hasattr(image, "GetSize"):
             image = image_from_array(image, spacing, origin, direction)
-        prompts = prompts_by_label(unique_labels(labels), boxes, points, negative_points)
+        prompts = prompts_by_label(parse_labels(labels), boxes, points, negative_points)
         if prompts:
             check_prompts(image, prompts, options.get("axis", "auto"))
         result = segment_image(self, image, labels, **options)

@@ -105,42 +105,41 @@ def resolve(weight: WeightFile, path=None) -> Path:
     return verify(weight, Path(path).expanduser() if path else cached_path(weight))
 
 
-def download(weight: WeightFile, progress: Optional[ProgressCallback] = None, timeout: float = 30.0) -> Path:
-    """Download `weight` into the cache, verifying size and SHA256 before it is moved into place."""
-    target = cached_path(weight)
+def download(weight: WeightFile, progress: Optional[ProgressCallback] = None, timeout: float = 30.0,
+             overwrite: bool = False) -> Path:
+    """Download `weight` into the cache, verifying size and SHA256 before it is moved into place. A verified copy
+    already there is kept; a different file there is replaced only with `overwrite` (and only by verified bytes)."""
+    from ..files.atomic_file import OVERWRITE_HINT, atomic_output, check_writable
+
+    target = check_writable(cached_path(weight))
     if target.is_file():
         try:
             return verify(weight, target)
-        except SSAMError:
-            target.unlink()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(target.name + ".part")
+        except SSAMError as error:
+            if not overwrite:
+                raise SSAMError(f"{target} is not the published {weight.id} file ({error}); {OVERWRITE_HINT} "
+                                f"with a fresh download") from None
     digest = hashlib.sha256()
     done = 0
-    try:
-        with urllib.request.urlopen(weight.url, timeout=timeout) as response, open(partial, "wb") as out:
-            total = int(response.headers.get("Content-Length") or 0) or None
-            for block in iter(lambda: response.read(1 << 20), b""):
-                out.write(block)
-                digest.update(block)
-                done += len(block)
-                if progress:
-                    progress(done, total)
-    except (urllib.error.URLError, OSError) as error:
-        partial.unlink(missing_ok=True)
-        reason = getattr(error, "reason", None) or error
-        raise SSAMError(
-            f"could not download {weight.id} weights from {weight.url} ({reason}); check the internet connection, "
-            f"or download the file elsewhere and copy it to {target}"
-        ) from None
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-    if done != weight.size or digest.hexdigest() != weight.sha256:
-        partial.unlink(missing_ok=True)
-        raise SSAMError(
-            f"download of {weight.id} from {weight.url} gave {done:,} bytes with SHA256 {digest.hexdigest()[:12]}…, "
-            f"expected {weight.size:,} bytes with {weight.sha256[:12]}…; nothing was saved, try again"
-        )
-    os.replace(partial, target)
+    with atomic_output(target) as partial:
+        try:
+            with urllib.request.urlopen(weight.url, timeout=timeout) as response, open(partial, "wb") as out:
+                total = int(response.headers.get("Content-Length") or 0) or None
+                for block in iter(lambda: response.read(1 << 20), b""):
+                    out.write(block)
+                    digest.update(block)
+                    done += len(block)
+                    if progress:
+                        progress(done, total)
+        except (urllib.error.URLError, OSError) as error:
+            reason = getattr(error, "reason", None) or error
+            raise SSAMError(
+                f"could not download {weight.id} weights from {weight.url} ({reason}); check the internet "
+                f"connection, or download the file elsewhere and copy it to {target}"
+            ) from None
+        if done != weight.size or digest.hexdigest() != weight.sha256:
+            raise SSAMError(
+                f"download of {weight.id} from {weight.url} gave {done:,} bytes with SHA256 {digest.hexdigest()[:12]}…, "
+                f"expected {weight.size:,} bytes with {weight.sha256[:12]}…; nothing was saved, try again"
+            )
     return target

@@ -374,7 +374,8 @@ def _download_job(job: dict, folder: Path, events: _Events, cancel) -> dict:
         total = total or weight.size
         events.emit("progress", fraction=done / total, message=f"{done / 1e6:.0f} of {total / 1e6:.0f} MB")
 
-    return {"path": str(weights.download(weight, progress))}
+    # The Download button asks for the published file: a damaged copy in the cache is replaced (by verified bytes only).
+    return {"path": str(weights.download(weight, progress, overwrite=True))}
 
 
 JOBS = {"segmentation": _segmentation_job, "training": _training_job, "download": _download_job}

@@ -53,14 +53,17 @@ _NNUNET_CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 
 class DatasetProblems(SSAMError):
-    """Everything wrong with a dataset, in one error. `str(error)` is a one-line summary followed by one line per
-    problem (the only multi-line SSAMError: a dataset with 40 unpaired files needs a list, not 40 runs)."""
+    """Everything wrong with a dataset, in one error. One problem is one line like every SSAMError; several are a
+    summary line followed by one line per problem (the only multi-line SSAMError: a dataset with 40 unpaired files
+    needs a list, not 40 runs)."""
 
     def __init__(self, where, problems: Sequence[str]):
         self.problems = [" ".join(str(p).split()) for p in problems]
         count = len(self.problems)
-        head = (f"dataset {where} has {count} problem{'s' if count != 1 else ''}; "
-                f"fix {'them' if count != 1 else 'it'} and run again:")
+        if count == 1:
+            super().__init__(f"dataset {where}: {self.problems[0]}")
+            return
+        head = f"dataset {where} has {count} problems; fix them and run again:"
         lines = [f"  - {p}" for p in self.problems[:MAX_LISTED_PROBLEMS]]
         if count > MAX_LISTED_PROBLEMS:
             lines.append(f"  - and {count - MAX_LISTED_PROBLEMS} more")
@@ -547,6 +550,10 @@ def _labelmap_dataset(root: Path, layout: str, found, labels, problems: List[str
     if problems:
         raise DatasetProblems(root, problems)
     chosen = [s for s in specs if s.name in names]
+    if pairs and not any(set(checked[p.case_id][0]) & set(names) for p in pairs):
+        mapped = ", ".join(f"{v}={s.name}" for s in chosen for v in s.values)
+        raise DatasetProblems(root, [f"no mask holds any voxel of {', '.join(names)} (the mapping has {mapped}); "
+                                     f"the masks' values do not match the label mapping: fix it or the masks"])
     cases = []
     for pair in pairs:
         present, thresholded = checked[pair.case_id]

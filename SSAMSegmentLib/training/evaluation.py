@@ -34,7 +34,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import SimpleITK as sitk
 
-from ..files.atomic_file import atomic_output
+from ..files.atomic_file import add_overwrite_argument, atomic_output, check_outputs, output_set
 from .datasets import _label_values, _LabelSpec, _parse_label_mapping
 from ..errors import SSAMError
 from ..files.image_io import has_image_suffix, read_image, same_geometry, strip_image_suffix
@@ -527,10 +527,11 @@ def write_report(report: dict, output_dir_or_prefix) -> List[Path]:
                             + [m["prediction_voxels"], m["reference_voxels"]])
     for label, s in list(report["summary"].items()) + [("(all labels)", report["overall"])]:
         writer.writerow(["mean", label] + [cell(s[k]) for k in METRICS] + ["", ""])
-    with atomic_output(json_path, ".json") as temporary:
-        temporary.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    with atomic_output(csv_path, ".csv") as temporary:
-        temporary.write_text(buffer.getvalue(), encoding="utf-8")
+    with output_set():  # both files or neither
+        with atomic_output(json_path, ".json") as temporary:
+            temporary.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        with atomic_output(csv_path, ".csv") as temporary:
+            temporary.write_text(buffer.getvalue(), encoding="utf-8")
     return [json_path, csv_path]
 
 
@@ -546,10 +547,15 @@ def add_arguments(parser) -> None:
                              "(kidney=2,3 joins values); put it after PREDICTION and REFERENCE")
     parser.add_argument("--output", metavar="PREFIX",
                         help="also write PREFIX.json and PREFIX.csv (a folder gets evaluation.json/.csv)")
+    add_overwrite_argument(parser)
 
 
 def run(args) -> int:
     """Evaluate, print the table, write JSON and CSV when --output is given. Problems raise SSAMError."""
+    if args.output:
+        label_files = [entry.rsplit(":", 1)[0] for entry in args.label_map or []]  # FILE.json[:GROUP]
+        check_outputs(_report_paths(args.output), inputs=[args.prediction, args.reference, *label_files],
+                      overwrite=args.overwrite)
     report = evaluate(args.prediction, args.reference, label_map=args.label_map)
     print(format_table(report))
     if args.output:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..files.atomic_file import atomic_output, check_writable
+from ..files.atomic_file import atomic_output
 from ..model.devices import autocast, autocast_dtype, select_device
 from ..errors import Cancelled, SSAMError
 from .losses import ssam_loss
@@ -66,6 +66,75 @@ class TrainingConfig:
     micro_batch: Optional[int] = None  # slices per forward/backward pass; default 1 on CPU, batch_size on GPU
     tune: str = "ssam"  # "ssam": the full S-SAM set; "norms": a, b frozen (the paper's ablation baseline)
     keep_largest: Optional[List[str]] = None  # labels that are one connected organ, recorded in the adapter
+    overwrite: bool = False  # replace an existing adapter and checkpoint (resuming a run's own checkpoint does)
+
+    def check(self) -> "TrainingConfig":
+        """Every number and choice, before any work: one SSAMError naming the first bad one."""
+        from ..inference.slice_geometry import AXES
+
+        def whole(name, value, least, optional=False):
+            if optional and value is None:
+                return
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise SSAMError(f"--{name.replace('_', '-')} {value!r} must be a whole number of at least {least}")
+
+        def positive(name, value, optional=False, zero=False, example="--lr 1e-4"):
+            if optional and value is None:
+                return
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if not ok or value < 0 or (value == 0 and not zero):
+                raise SSAMError(f"--{name.replace('_', '-')} {value} must be a finite number above 0"
+                                + (" (or 0)" if zero else "") + f"; e.g. {example}")
+
+        from .datasets import Dataset
+
+        sources = self.data if isinstance(self.data, (list, tuple)) else [self.data]
+        if not sources or not all(isinstance(item, (str, os.PathLike, Dataset)) for item in sources):
+            raise SSAMError(f"training data {self.data!r} is not a dataset folder; give one or more folders")
+        if not isinstance(self.output, (str, os.PathLike)) or not Path(self.output).name.strip():
+            raise SSAMError(f"training output {self.output!r} is not a file path; give e.g. my.adapter.safetensors")
+        if self.steps is not None and self.epochs is not None:
+            raise SSAMError("give the schedule's length once: --steps or --epochs, not both")
+        whole("steps", self.steps, 1, optional=True)
+        whole("epochs", self.epochs, 1, optional=True)
+        whole("max_steps", self.max_steps, 1, optional=True)
+        whole("batch_size", self.batch_size, 1, optional=True)
+        whole("micro_batch", self.micro_batch, 1, optional=True)
+        whole("patience", self.patience, 0, optional=True)
+        whole("seed", self.seed, 0)
+        whole("image_size", self.image_size, 16, optional=True)
+        if self.image_size is not None and self.image_size % 16:
+            raise SSAMError(f"--image-size {self.image_size} must be a multiple of 16, e.g. 256")
+        if None not in (self.micro_batch, self.batch_size) and self.micro_batch > self.batch_size:
+            raise SSAMError(f"--micro-batch {self.micro_batch} is larger than --batch-size {self.batch_size}")
+        if self.budget_minutes is not None:
+            positive("budget", self.budget_minutes, example="--budget 30")
+        positive("lr", self.lr, zero=True)  # 0 freezes a group (tests use it); below 0 would climb the loss
+        positive("lr_singular_values", self.lr_singular_values, optional=True, zero=True)
+        positive("weight_decay", self.weight_decay, zero=True)
+        if not (isinstance(self.val_fraction, (int, float)) and 0 <= self.val_fraction < 1):
+            raise SSAMError(f"--val-fraction {self.val_fraction} must be at least 0 and below 1, e.g. 0.2")
+        if self.tune not in ("ssam", "norms"):
+            raise SSAMError(f"unknown tuning '{self.tune}'; use ssam (singular values + norms) or norms")
+        if self.axis not in AXES:
+            raise SSAMError(f"unknown slice axis '{self.axis}'; use one of: {', '.join(AXES)}")
+        if self.resume and not Path(self.resume).expanduser().is_file():
+            raise SSAMError(f"checkpoint {self.resume} does not exist; give the .checkpoint.safetensors file a run "
+                            f"left behind")
+        return self
+
+    def check_outputs(self, also=()) -> List[Path]:
+        """The adapter, the checkpoint (and `also`, e.g. the command line's metrics): checked like every output set.
+        Resuming a run's own checkpoint continues that run, so its adapter and checkpoint may be replaced."""
+        from ..files.atomic_file import check_outputs
+
+        given = [self.output, self.checkpoint_path(), *also]
+        own_checkpoint = bool(self.resume) and os.path.realpath(str(self.resume)) == os.path.realpath(
+            str(self.checkpoint_path()))
+        folders = [item for source in (self.data, self.val_data)
+                   for item in (source if isinstance(source, (list, tuple)) else [source])
+                   if isinstance(item, (str, os.PathLike))]
+        return check_outputs(given, inputs=folders, overwrite=self.overwrite or own_checkpoint)
 
     def checkpoint_path(self) -> Path:
         if self.checkpoint:
@@ -399,19 +468,6 @@ def _prepare_data(config):
     return dataset, train_cases, val_cases
 
 
-def _check_options(config):
-    if config.steps is not None and config.epochs is not None:
-        raise SSAMError("give the schedule's length once: --steps or --epochs, not both")
-    for name, value in (("--steps", config.steps), ("--epochs", config.epochs), ("--max-steps", config.max_steps),
-                        ("--batch-size", config.batch_size)):
-        if value is not None and value < 1:
-            raise SSAMError(f"{name} must be at least 1 (got {value})")
-    if config.patience is not None and config.patience < 0:
-        raise SSAMError(f"--patience must be 0 (no early stop) or more (got {config.patience})")
-    if config.budget_minutes is not None and not config.budget_minutes > 0:
-        raise SSAMError(f"--budget must be a positive number of minutes (got {config.budget_minutes})")
-    if config.tune not in ("ssam", "norms"):
-        raise SSAMError(f"unknown tuning '{config.tune}'; use ssam (singular values + norms) or norms")
 
 
 def _planned_steps(config, steps_per_epoch: int) -> int:
@@ -420,7 +476,7 @@ def _planned_steps(config, steps_per_epoch: int) -> int:
         total = steps_per_epoch * config.epochs
     else:
         total = config.steps or DEFAULT_STEPS
-    return min(total, config.max_steps) if config.max_steps else total
+    return min(total, config.max_steps) if config.max_steps is not None else total
 
 
 def _cuda_memory(device):
@@ -446,9 +502,8 @@ def train(config: TrainingConfig, progress: Optional[Callable[[TrainingProgress]
     started = time.time()
     rank, world = _distributed()
     report = progress if (progress and rank == 0) else (lambda update: None)
-    output = check_writable(config.output)
-    checkpoint_path = check_writable(config.checkpoint_path())
-    _check_options(config)
+    config.check()
+    output, checkpoint_path = config.check_outputs()[:2]
     dataset, train_cases, val_cases = _prepare_data(config)
     labels = dataset.label_names
     device = select_device(config.device)
@@ -480,6 +535,9 @@ def train(config: TrainingConfig, progress: Optional[Callable[[TrainingProgress]
     weights = _balance_weights(train_bank) if balanced else None
     steps_per_epoch = math.ceil(len(train_bank) / batch_size)
     micro_batch = config.micro_batch or micro_batch_for(device.type, batch_size)
+    if micro_batch > batch_size:
+        raise SSAMError(f"--micro-batch {micro_batch} is larger than the batch of {batch_size} slices; give at most "
+                        f"--micro-batch {batch_size} or a larger --batch-size")
     optimizer = torch.optim.AdamW(_parameter_groups(model, config), lr=config.lr, weight_decay=config.weight_decay)
     reduced = autocast_dtype(device)
     scaler = torch.amp.GradScaler(device.type, enabled=reduced == torch.float16)

@@ -130,9 +130,8 @@ def test_bad_arguments_exit_2_and_write_nothing(data_dir, tiny_adapter, tmp_path
     for case, args in bad.items():
         run = run_batch(*args)
         assert run.returncode == 2, f"{case}: {run.returncode} {run.stdout} {run.stderr}"
-        assert "usage: SSAMSegmentBatch.py" in run.stderr, case
-        error_lines = [line for line in run.stderr.splitlines() if line.startswith("error: ")]
-        assert len(error_lines) == 1, f"{case}: {run.stderr}"
+        lines = run.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("SSAMSegmentBatch.py: error: "), f"{case}: {run.stderr}"
         assert "Traceback" not in run.stderr, case
         assert not output.exists(), case
 

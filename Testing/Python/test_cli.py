@@ -1,5 +1,5 @@
-"""The `ssam` command as a user runs it: outputs that Slicer opens, one-line errors with exit code 2 and no output,
-Ctrl-C with exit code 130 and no output, `ssam info` counts."""
+"""The `ssam` command as a user runs it: outputs that Slicer opens, Ctrl-C with exit code 130 and no output, `ssam info`
+counts. One-line errors with exit code 2 and no output are the rows of test_bad_input.py."""
 
 import os
 import signal
@@ -105,27 +105,11 @@ def test_segment_2d_rgb_picture(adapter, tmp_path):
     assert _read_with_slicer(tmp_path / "polyp.seg.nrrd") == ["organ"]
 
 
+# Other bad inputs (one line, exit code 2, nothing written) are rows of test_bad_input.py; the prompt rows here.
 def _bad_inputs(tmp_path, adapter):
-    _volume(tmp_path / "ok.nii.gz")
-    (tmp_path / "text.nii.gz").write_text("not an image")
-    four_d = sitk.JoinSeries([sitk.Image([6, 6, 4], sitk.sitkInt16) + i for i in range(3)])
-    sitk.WriteImage(four_d, str(tmp_path / "4d.nii.gz"))
-    other_base = _adapter(tmp_path / "tiny.adapter.safetensors", base="test-tinyvit")
-    clip_adapter = _adapter(tmp_path / "clip.adapter.safetensors", text_encoder="clip-vit-b-32", labels=("liver",))
-    (tmp_path / "a_file").write_text("x")
     ok, out = tmp_path / "ok.nii.gz", tmp_path / "out.seg.nrrd"
+    _volume(ok)
     return {
-        "missing input": (["segment", tmp_path / "nope.nii.gz", "--label", "organ", "--adapter", adapter, "--output", out], "does not exist"),
-        "unreadable input": (["segment", tmp_path / "text.nii.gz", "--label", "organ", "--adapter", adapter, "--output", out], "cannot read"),
-        "4D input": (["segment", tmp_path / "4d.nii.gz", "--label", "organ", "--adapter", adapter, "--output", out], "4D"),
-        "unknown adapter": (["segment", ok, "--label", "organ", "--adapter", tmp_path / "none.safetensors", "--output", out], "does not exist"),
-        "adapter of another base": (["segment", ok, "--label", "organ", "--adapter", other_base, "--base", "test-vit", "--output", out], "test-tinyvit, not test-vit"),
-        "unknown label, no text encoder": (["segment", ok, "--label", "tumor", "--adapter", clip_adapter, "--output", out], "tumor"),
-        "unwritable output": (["segment", ok, "--label", "organ", "--adapter", adapter, "--output", tmp_path / "a_file" / "x.seg.nrrd"], "cannot create the folder"),
-        "output on a filesystem that takes no files": (["segment", ok, "--label", "organ", "--adapter", adapter, "--output", "/proc/x.seg.nrrd"], "cannot write to /proc"),
-        "unsupported output": (["segment", ok, "--label", "organ", "--adapter", adapter, "--output", tmp_path / "out.png"], "unsupported type"),
-        "empty label": (["segment", ok, "--label", " ", "--adapter", adapter, "--output", out], "label"),
-        "bad window": (["segment", ok, "--label", "organ", "--adapter", adapter, "--output", out, "--window", "40"], "LEVEL,WIDTH"),
         "box outside the image": (["segment", ok, "--label", "organ", "--adapter", adapter, "--output", out, "--box", "900,900,0,950,950,1"], "outside the image"),
         "box of 3 numbers": (["segment", ok, "--label", "organ", "--adapter", adapter, "--output", out, "--box", "1,2,3"], "6 numbers"),
         "point for another label": (["segment", ok, "--label", "organ", "--adapter", adapter, "--output", out, "--point", "vessel=10,0,50"], "not among --label"),
@@ -133,7 +117,7 @@ def _bad_inputs(tmp_path, adapter):
     }
 
 
-def test_bad_inputs_fail_with_one_line_exit_2_and_no_output(adapter, tmp_path):
+def test_bad_prompts_fail_with_one_line_exit_2_and_no_output(adapter, tmp_path):
     for case, (args, expected) in _bad_inputs(tmp_path, adapter).items():
         before = set(tmp_path.rglob("*"))
         run = ssam(*args)

@@ -88,3 +88,63 @@ def test_refused_inputs(tmp_path):
         read_image(tmp_path / "folder")
     with pytest.raises(SSAMError, match="does not exist"):
         read_image(tmp_path / "missing.nrrd")
+
+
+def _dicom_copy(source, folder, drop=(), damage=()):
+    """A copy of a real DICOM series folder without the files numbered in `drop` and with those in `damage`
+    overwritten by garbage (an unreadable slice)."""
+    import shutil
+
+    folder.mkdir()
+    names = sorted(p.name for p in source.iterdir() if p.is_file())
+    for index, name in enumerate(names):
+        if index in drop:
+            continue
+        if index in damage:
+            (folder / name).write_bytes(b"\0" * 512)
+        else:
+            shutil.copy(source / name, folder / name)
+    return names
+
+
+@pytest.mark.data
+def test_dicom_series_with_a_missing_slice_is_refused_or_kept_at_its_true_position(data_dir, tmp_path):
+    import warnings
+
+    source = data_dir / "totalsegmentator-ct" / "example_ct_dicom"
+    full = read_image(source)
+    gap = tmp_path / "gap"
+    _dicom_copy(source, gap, damage=(7,))  # the 8th of the 20 files by name (a slice inside the series) is garbage
+    with pytest.raises(SSAMError, match=r"has a gap: about 1 slice\(s\) missing.*1 file\(s\) in the folder are not "
+                                        r"readable DICOM.*--allow-gaps"):
+        read_image(gap)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        kept = read_image(gap, allow_gaps=True)
+    assert any("missing slice(s) left empty at their true position" in str(w.message) for w in seen)
+    # Same grid as the complete series: real spacing (2 mm, not 2.1 averaged), origin and direction.
+    assert kept.GetSize() == full.GetSize()
+    assert np.allclose(kept.GetSpacing(), full.GetSpacing()) and np.allclose(kept.GetOrigin(), full.GetOrigin())
+    assert np.allclose(kept.GetDirection(), full.GetDirection())
+    a, b = sitk.GetArrayViewFromImage(full), sitk.GetArrayViewFromImage(kept)
+    differs = [z for z in range(a.shape[0]) if not np.array_equal(a[z], b[z])]
+    assert len(differs) == 1  # every slice present sits where it belongs; the one missing slice is constant
+    assert np.ptp(b[differs[0]]) == 0 and not has_signal(b[differs[0]])
+
+
+@pytest.mark.data
+def test_dicom_series_with_a_removed_slice_names_the_gap(data_dir, tmp_path):
+    """A removed file (not a damaged one) at the 11th slice position: the gap is named, no unreadable file is."""
+    source = data_dir / "totalsegmentator-ct" / "example_ct_dicom"
+    positions = {}
+    for path in source.iterdir():
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()
+        positions[path.name] = float(reader.GetMetaData("0020|0032").split("\\")[2])
+    middle = sorted(positions, key=positions.get)[10]
+    names = sorted(positions)
+    _dicom_copy(source, tmp_path / "gap", drop=(names.index(middle),))
+    with pytest.raises(SSAMError, match=r"has a gap: about 1 slice\(s\) missing \(the largest gap 4.0 mm after slice "
+                                        r"10, where slices are 2.0 mm apart\); restore"):
+        read_image(tmp_path / "gap")

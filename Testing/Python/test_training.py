@@ -259,6 +259,18 @@ def test_rare_labels_switch_balanced_sampling_on(disks, tmp_path):
     assert forced.summary["balanced"] is True
 
 
+def test_a_finished_run_is_replaced_only_with_overwrite(disks, tmp_path):
+    config = _config(disks, tmp_path, epochs=1, max_steps=1)
+    first = train(config)
+    files = sorted(first.adapter_path.parent.iterdir())
+    before = {p: p.read_bytes() for p in files}
+    with pytest.raises(SSAMError, match="disk.adapter.safetensors already exists; add --overwrite"):
+        train(config)
+    assert {p: p.read_bytes() for p in sorted(first.adapter_path.parent.iterdir())} == before
+    again = train(TrainingConfig(**{**config.__dict__, "overwrite": True, "seed": 4}))
+    assert again.adapter_path.read_bytes() != before[first.adapter_path]
+
+
 def test_balanced_sampling_weights_rare_labels():
     from SSAMSegmentLib.training.slice_bank import SliceBank
 

@@ -194,6 +194,44 @@ def test_unwritable_destination_is_a_one_line_error(tmp_path, phantom):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["not_a_folder"]
 
 
+def test_a_failing_preview_leaves_no_file_of_the_set_in_a_new_folder(tmp_path, phantom, monkeypatch):
+    """The .seg.nrrd (or label map + sidecar) is complete when the preview fails: none of them may appear, nor the
+    folder made for them."""
+    image, masks = phantom
+
+    def broken_save(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(writers.Image.Image, "save", broken_save)
+    for name in ("case.seg.nrrd", "case.nii.gz"):
+        with pytest.raises(SSAMError, match="cannot write .*case.png.*No space left"):
+            write_outputs(tmp_path / "new" / name, image, masks, preview_path=tmp_path / "new" / "case.png")
+        assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failing_rename_puts_back_the_files_it_replaced(tmp_path, phantom, monkeypatch):
+    """With overwrite, the set replaces earlier files; if one rename fails, the earlier ones are restored."""
+    import os
+
+    from SSAMSegmentLib.files import atomic_file
+
+    image, masks = phantom
+    write_outputs(tmp_path / "case.nii.gz", image, masks, preview_path=tmp_path / "case.png")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    real_replace = os.replace
+
+    def replace_failing_for_the_preview(source, target):
+        if str(target).endswith("case.png") and ".part" in str(source):
+            raise OSError(28, "No space left on device")
+        return real_replace(source, target)
+
+    monkeypatch.setattr(atomic_file.os, "replace", replace_failing_for_the_preview)
+    smaller = OrderedDict(liver=masks["liver"])
+    with pytest.raises(SSAMError, match="cannot write .*case.png"):
+        write_outputs(tmp_path / "case.nii.gz", image, smaller, preview_path=tmp_path / "case.png")
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
 @pytest.mark.data
 def test_real_ct_with_its_manual_liver(tmp_path, data_dir):
     folder = data_dir / "dcmqi-ct-3slice"

@@ -3,17 +3,23 @@
     python scripts/build_default_training_data.py OUT_DIR [--data ../shared/data]
 
 Nothing is copied into the repository: OUT_DIR gets symlinks where a file can be used as it is, and derived files
-(merged label maps, NIfTI from DICOM, 256x256 tiles of the nuclei image) where it cannot. Labels are coarse
-structures a user types: TotalSegmentator's vertebrae_L1..T12 become "spine", its lung lobes "lung", both kidneys
-"kidney". Which data validates (never trains) is fixed here, so the adapter's validation Dice is on unseen cases:
+(merged label maps, NIfTI from DICOM, native-resolution tiles of the nuclei images, binary masks) where it cannot.
+Labels are coarse structures a user types: TotalSegmentator's vertebrae_L1..T12 become "spine", its lung lobes
+"lung", both kidneys "kidney". Which data validates or tests (never trains) is fixed here, so the adapter's validation
+Dice is on unseen cases:
 
   train: ct-mr          TotalSegmentator example_ct_sm (CT) + example_mr_sm (MR), predicted labels
-         polyp-train    Kvasir-SEG, 4 of the 5 images, manual masks
+         polyp-train    Kvasir-SEG: the 760 images that are neither test nor validation, manual masks
+         gland-train    GlaS-15: train_1..train_10 (H&E colon histology), manual gland masks
          nuclei-train   3 of the 4 tiles of the DSB2018 fluorescence image, manual masks
+         nuclei-he-train  MoNuSeg: 9 of the 12 H&E tiles, each cut into 16 native-resolution 250x250 tiles
   val:   val-ct         TotalSegmentator example_ct_dicom (another CT, 512x512), predicted labels
          val-dcmqi      the dcmqi 3-slice CT with MANUAL liver and spine outlines
-         polyp-val      the 5th Kvasir image
+         polyp-val      Kvasir-SEG: 40 images (every 20th of the non-test images)
+         gland-val      GlaS-15: testA_1, 3, 6, 7, 8 (the original GlaS test part)
          nuclei-val     the 4th nuclei tile
+         nuclei-he-val  MoNuSeg: the other 3 H&E tiles, 4 native-resolution 250x250 tiles each
+  test:  polyp-test     Kvasir-SEG: 200 images (every 5th by name), held apart from training AND validation
 """
 
 import argparse
@@ -23,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+from PIL import Image
 
 LABELS = ["liver", "spleen", "kidney", "stomach", "aorta", "spine", "lung"]
 
@@ -85,6 +92,15 @@ def _folder2d(folder: Path, pairs: list, label: str):
     (folder / "labels.json").write_text(json.dumps({"1": label}))
 
 
+def kvasir_split(kvasir: Path):
+    """(train, val, test) lists of (name, image, mask) for Kvasir-SEG: every 5th image by name is test (200 of 1000),
+    every 20th of the rest validation (40), the others train (760). Fixed, so no report ever trains on its test."""
+    pairs = [(p.stem, p, kvasir / "masks" / p.name) for p in sorted((kvasir / "images").glob("*.jpg"))]
+    test = pairs[::5]
+    rest = [p for i, p in enumerate(pairs) if i % 5]
+    return [p for i, p in enumerate(rest) if i % 20], rest[::20], test
+
+
 def build(out: Path, data: Path):
     ts = data / "totalsegmentator-ct"
     names = json.loads((ts / "labels.json").read_text())
@@ -110,10 +126,33 @@ def build(out: Path, data: Path):
     label_image.CopyInformation(ct)
     _nnunet(out / "val-dcmqi", {"dcmqi": (ct, label_image)}, ["liver", "spine"])
 
-    kvasir = sorted((data / "kvasir-seg-5" / "images").glob("*.jpg"))
-    pairs = [(p.stem, p, data / "kvasir-seg-5" / "masks" / p.name) for p in kvasir]
-    _folder2d(out / "polyp-train", pairs[:4], "polyp")
-    _folder2d(out / "polyp-val", pairs[4:], "polyp")
+    train, val, test = kvasir_split(data / "kvasir-seg")
+    for name, pairs in (("polyp-train", train), ("polyp-val", val), ("polyp-test", test)):
+        _folder2d(out / name, pairs, "polyp")
+
+    glas = data / "glas-15"
+    pairs = [(p.stem, p, glas / "masks" / p.name) for p in sorted((glas / "images").glob("*.png"))]
+    _folder2d(out / "gland-train", [p for p in pairs if p[0].startswith("train_")], "gland")
+    _folder2d(out / "gland-val", [p for p in pairs if p[0].startswith("testA_")], "gland")
+
+    monuseg = data / "monuseg-12"
+    slides = sorted((monuseg / "images").glob("*.tif"))
+    train_tiles, val_tiles = [], []
+    for index, path in enumerate(slides):
+        image = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))[..., :3]
+        # masks are grey + alpha PNGs (0/255), which SimpleITK cannot read: Pillow, grey channel
+        mask = np.asarray(Image.open(monuseg / "masks" / f"{path.stem}.png").convert("L")) >= 128
+        validation = index >= len(slides) - 3
+        for row in range(4):
+            for col in range(4):
+                if validation and row != col:
+                    continue
+                crop = np.s_[row * 250:(row + 1) * 250, col * 250:(col + 1) * 250]
+                tile = (f"{path.stem}_r{row}_c{col}", sitk.GetImageFromArray(image[crop], isVector=True),
+                        sitk.GetImageFromArray(mask[crop].astype(np.uint8)))
+                (val_tiles if validation else train_tiles).append(tile)
+    _folder2d(out / "nuclei-he-train", train_tiles, "nucleus")
+    _folder2d(out / "nuclei-he-val", val_tiles, "nucleus")
 
     nuclei = data / "stardist-nuclei"
     image = sitk.GetArrayFromImage(sitk.ReadImage(str(nuclei / "img2d.tif")))

@@ -62,6 +62,10 @@ def add_arguments(parser):
     parser.add_argument("--tune", choices=("ssam", "norms"), default="ssam",
                         help="ssam: singular values + norms (S-SAM); norms: without the singular values (ablation)")
     parser.add_argument("--no-augment", action="store_true", help="no intensity and small geometric jitter")
+    parser.add_argument("--tiles", choices=("auto", "off"), default="auto",
+                        help="auto: labels whose structures would be a few pixels across in the whole image at the "
+                             "model's input train and segment in native-resolution tiles (stored in the adapter); "
+                             "off: whole images always")
 
 
 def run(args) -> int:
@@ -73,7 +77,7 @@ def run(args) -> int:
         steps=args.steps, epochs=args.epochs, budget_minutes=args.budget, batch_size=args.batch_size,
         micro_batch=args.micro_batch, lr=args.lr, lr_singular_values=args.lr_singular_values, patience=args.patience,
         val_fraction=args.val_fraction, val_data=args.val_data, seed=args.seed, resume=args.resume, device=args.device, axis=args.axis,
-        balanced=args.balanced, augment=not args.no_augment, tune=args.tune, image_size=args.image_size,
+        balanced=args.balanced, augment=not args.no_augment, tiles=args.tiles, tune=args.tune, image_size=args.image_size,
     )
     cancel = threading.Event()
     display = _Display()

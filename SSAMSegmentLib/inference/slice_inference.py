@@ -20,6 +20,7 @@ from ..model.devices import autocast
 from ..errors import Cancelled, SSAMError
 from ..files.image_io import check_image
 from .intensity import choose_mapping, has_signal
+from . import tiling
 from .preprocessing import logits_to_slice, to_model_input
 from .slice_geometry import SliceGeometry
 from ..model.text_encoders import label_key
@@ -91,6 +92,7 @@ def segment_image(model, image: sitk.Image, labels, axis: str = "auto", threshol
     tokens = model.prompt_tokens(model.text_embeddings(labels))  # (N, 1, 256), once per image
     logit_threshold = math.log(threshold / (1.0 - threshold))
     batch_size = batch_size or default_batch_size(device)
+    tiles = tiling.label_records(model, labels)  # per label: None (whole image) or its TileRecord from the adapter
 
     source = geometry.canonical(sitk.GetArrayViewFromImage(image))
     outputs = [np.zeros(geometry.shape, dtype=np.uint8) for _ in labels]
@@ -109,7 +111,7 @@ def segment_image(model, image: sitk.Image, labels, axis: str = "auto", threshol
                 else:
                     skipped += 1
             if batch:
-                _segment_batch(model, batch, tokens, geometry, targets, spacing, logit_threshold, device)
+                _segment_batch(model, batch, tokens, geometry, targets, spacing, logit_threshold, device, tiles)
             if progress:
                 done = min(first + batch_size, total)
                 progress(done / total, f"slice {done}/{total}")
@@ -133,17 +135,28 @@ def _copy_geometry(mask: sitk.Image, image: sitk.Image):
     mask.SetDirection(image.GetDirection())
 
 
-def _segment_batch(model, batch, tokens, geometry, targets, spacing, logit_threshold, device):
-    height, width = batch[0][1].shape[:2]
-    pixels = torch.from_numpy(np.stack([rgb for _, rgb in batch])).permute(0, 3, 1, 2).to(device)
+def _slice_logits(model, rgbs, tokens, spacing, device):
+    """Logits (B, N, H, W) of N labels on B slices (H, W, 3) of one size, on the slices' own grid."""
+    height, width = rgbs[0].shape[:2]
+    pixels = torch.from_numpy(np.stack(rgbs)).permute(0, 3, 1, 2).to(device)
     inputs, content = to_model_input(pixels, model.image_size, model.pixel_mean, model.pixel_std, spacing)
-    count, labels = len(batch), tokens.shape[0]
+    count, labels = len(rgbs), tokens.shape[0]
     with autocast(device):
         embeddings = model.encode_images(inputs)
         # Every label of a slice shares that slice's embedding: (B*N) decoder inputs, no re-encoding.
         logits = model.decode(embeddings.repeat_interleave(labels, dim=0), tokens.repeat(count, 1, 1))
     logits = logits_to_slice(logits, model.image_size, content, (height, width))
-    masks = (logits[:, 0] > logit_threshold).to(torch.uint8).cpu().numpy().reshape(count, labels, height, width)
-    for (index, _), per_label in zip(batch, masks):
-        for target, mask in zip(targets, per_label):
-            geometry.slice_view(target, index)[...] = mask
+    return logits[:, 0].reshape(count, labels, height, width)
+
+
+def _segment_batch(model, batch, tokens, geometry, targets, spacing, logit_threshold, device, tiles=None):
+    whole = [i for i, record in enumerate(tiles or [None] * tokens.shape[0]) if record is None]
+    if whole:
+        logits = _slice_logits(model, [rgb for _, rgb in batch], tokens[whole], spacing, device)
+        masks = (logits > logit_threshold).to(torch.uint8).cpu().numpy()
+        for (index, _), per_label in zip(batch, masks):
+            for label, mask in zip(whole, per_label):
+                geometry.slice_view(targets[label], index)[...] = mask
+    if len(whole) < tokens.shape[0]:  # labels the adapter segments in tiles (tiling.py)
+        tiling.segment_in_tiles(lambda rgb, chosen: _slice_logits(model, [rgb], tokens[chosen], spacing, device)[0],
+                                batch, tiles, geometry, targets, logit_threshold)

@@ -26,6 +26,8 @@ def _metadata(model, training_summary):
         "text_dim": model.text_dim,
         "labels": [name for name, _ in model.labels.items()],
         "tensors": list(model.trainable_names()),
+        # labels segmented in native-resolution tiles (inference/tiling.py); absent: whole-image context for all
+        "tiles": {label: record.to_json() for label, record in sorted(getattr(model, "tile_records", {}).items())},
         "training": training_summary or {},
     }
 
@@ -152,5 +154,8 @@ def load_adapter(model, path) -> dict:
     model.labels = type(model.labels)(model.text_encoder_id, model.text_dim, dict(zip(labels, embeddings)))
     if model.merged:
         model.merge()
+    from ..inference.tiling import records_from_metadata
+
+    model.tile_records = records_from_metadata(metadata)
     model.adapter_metadata = metadata
     return metadata

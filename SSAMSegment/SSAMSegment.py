@@ -96,6 +96,10 @@ SETTINGS = "SSAMSegment"
 AXES = ["auto", "axial", "coronal", "sagittal"]
 DEVICES = {"auto": "auto", "CPU": "cpu", "GPU": "gpu"}
 TORCH_PACKAGES = ("torch", "torchvision")  # installed by the PyTorch extension, which picks the CUDA build
+# highdicom (DICOM SEG files) needs pydicom 3, and Slicer up to 5.10 bundles pydicom 2.4 for its own DICOM module
+# (Slicer issue #8796): installing highdicom there would replace Slicer's pydicom. It is left out while Slicer's
+# pydicom is older; Slicer exports segmentations as DICOM SEG itself (docs/slicer.md).
+NEEDS_PYDICOM_3 = ("highdicom",)
 
 
 #
@@ -724,10 +728,23 @@ class SSAMSegmentLogic(ScriptedLoadableModuleLogic):
             with open(path, "rb") as handle:
                 requirements = list(tomllib.load(handle)["project"].get("dependencies", []))
         torch, other = [], []
+        old_pydicom = SSAMSegmentLogic._bundledPydicomIsOld()
         for requirement in requirements:
             name = re.split(r"[\s<>=!~;\[]", requirement.strip(), maxsplit=1)[0].lower()
+            if name in NEEDS_PYDICOM_3 and old_pydicom:
+                continue
             (torch if name in TORCH_PACKAGES else other).append(requirement)
         return torch, other
+
+    @staticmethod
+    def _bundledPydicomIsOld() -> bool:
+        """True when a pydicom older than 3 is installed (Slicer's own), which highdicom would replace."""
+        import importlib.metadata
+
+        try:
+            return int(importlib.metadata.version("pydicom").split(".")[0]) < 3
+        except (importlib.metadata.PackageNotFoundError, ValueError):
+            return False
 
     @staticmethod
     def torchVersionRequirement(torchRequirements) -> Optional[str]:

@@ -1,7 +1,12 @@
-"""Segment image files without the GUI: one .seg.nrrd per input, a summary line per case.
+"""Segment image files without the GUI: one .seg.nrrd per input (or a DICOM SEG per DICOM input), a summary
+line per case.
 
     Slicer --no-main-window --python-script SSAMSegmentBatch.py --input FILE_OR_FOLDER --label gland [--label ...]
         --output FOLDER [--adapter FILE] [--device auto|cpu|gpu|cuda|mps] [--axis auto|axial|coronal|sagittal]
+        [--dicom-seg]
+
+--dicom-seg: DICOM inputs (series folders, .dcm files) get a DICOM SEG <case>.dcm that references their series, for
+a PACS; the other inputs still get their .seg.nrrd.
 
 The same script runs under any Python that has SSAM Segment's packages (python SSAMSegmentBatch.py ...).
 A folder input means every image file in it (NIfTI, NRRD, MHA, PNG, JPEG, TIFF, BMP) and every sub-folder (a DICOM
@@ -53,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--adapter", default="default", help="adapter file (default: the adapter shipped with SSAM Segment)")
     parser.add_argument("--device", default="auto", help="auto (default), cpu, gpu, cuda, cuda:N or mps")
     parser.add_argument("--axis", choices=AXES, default="auto", help="slice axis (default: auto)")
+    parser.add_argument("--dicom-seg", action="store_true",
+                        help="write a DICOM SEG (.dcm) for each DICOM input instead of a .seg.nrrd")
     return parser
 
 
@@ -75,10 +82,17 @@ def find_inputs(path: Path):
     return images + series
 
 
-def output_paths(inputs, folder: Path):
+def is_dicom_input(path: Path) -> bool:
+    """A case read from DICOM: a series folder (find_inputs' folders) or a .dcm file."""
+    return path.is_dir() or path.name.lower().endswith(".dcm")
+
+
+def output_paths(inputs, folder: Path, dicom_seg: bool = False):
+    from SSAMSegmentLib.files.writers import OUTPUT_FORMATS
     from SSAMSegmentLib.inference.segment_files import default_output
 
-    outputs = [default_output(item, folder) for item in inputs]
+    outputs = [default_output(item, folder, OUTPUT_FORMATS["dicom-seg" if dicom_seg and is_dicom_input(item)
+                                                           else "seg-nrrd"]) for item in inputs]
     seen = {}
     for item, output in zip(inputs, outputs):
         if output in seen:
@@ -112,7 +126,14 @@ def run(argv) -> int:
                   f"once and agree to install them", file=sys.stderr)
             return EXIT_USAGE
         inputs = find_inputs(Path(args.input).expanduser())
-        outputs = output_paths(inputs, output_folder)
+        outputs = output_paths(inputs, output_folder, dicom_seg=args.dicom_seg)
+        if args.dicom_seg and any(is_dicom_input(item) for item in inputs):
+            from SSAMSegmentLib.files.dicom_seg import highdicom_module
+
+            try:
+                highdicom_module()
+            except SSAMError as error:
+                raise UsageError(str(error)) from None
         try:
             model = SSAMSegmentLib.load(adapter=args.adapter, device=device_name(args.device), merge=True)
         except SSAMError as error:
@@ -147,6 +168,8 @@ def run(argv) -> int:
             print(f"FAILED {item.name}: internal error ({type(error).__name__}: {error})", flush=True)
             continue
         print(f"OK     {item.name} -> {output} ({time.perf_counter() - start:.1f} s): {result.summary()}", flush=True)
+        for note in getattr(result, "notes", []):
+            print(f"       note: {note}", flush=True)
     done = len(inputs) - len(failed)
     print(f"{done} of {len(inputs)} case(s) segmented" + (f"; failed: {', '.join(failed)}" if failed else ""),
           flush=True)

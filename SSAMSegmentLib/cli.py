@@ -105,9 +105,10 @@ def _parse_window(text):
 
 def _segment(args) -> int:
     from .model.loading import load
-    from .inference.segment_files import check_output_path, default_output, segment_file
+    from .inference.segment_files import check_output_path, dicom_source_for, resolve_output, segment_file
 
-    output = check_output_path(args.output or default_output(args.input))
+    output = check_output_path(resolve_output(args.input, args.output, args.format))
+    dicom_source = dicom_source_for(args.input, output)  # a DICOM SEG of a non-DICOM input fails here, before work
     if args.precision == "bf16":
         os.environ["SSAM_CPU_BF16"] = "1"  # read when the fast encoder is built (fast_encoder.py)
     model = load(base=args.base, adapter=args.adapter or "default", device=args.device, merge=True)
@@ -115,10 +116,12 @@ def _segment(args) -> int:
     try:
         result = segment_file(model, args.input, args.label, output, axis=args.axis, preview=args.preview,
                               threshold=args.threshold, intensity=args.intensity, window=_parse_window(args.window),
-                              progress=update)
+                              progress=update, dicom_source=dicom_source)
     finally:
         close()
     print(result.summary())
+    for note in result.notes:
+        print(f"note: {note}")
     for path in result.outputs:
         print(f"wrote {path}")
     return 0
@@ -141,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .inference.intensity import INTENSITY_MODES
     from .model.text_encoders import TEXT_ENCODERS
     from .model.weights import WEIGHT_FILES
+    from .files.writers import OUTPUT_FORMATS
 
     parser = argparse.ArgumentParser(prog="ssam", description="S-SAM: segment medical images from a label name.")
     parser.add_argument("--version", action="version", version=f"ssam {__version__}")
@@ -163,7 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--label", action="append", required=True, help="label name; repeat for several")
     segment.add_argument("--adapter", help="adapter file (default: the adapter shipped with SSAM Segment)")
     segment.add_argument("--base", choices=sorted(BASES), help="base model (default: the adapter's)")
-    segment.add_argument("--output", help="output .seg.nrrd or label map .nii.gz/.nrrd (default: ./<input>.seg.nrrd)")
+    segment.add_argument("--output", help="output .seg.nrrd, label map .nii.gz/.nrrd, or DICOM SEG .dcm (DICOM input "
+                                          "only) (default: ./<input>.seg.nrrd, or the --format's suffix)")
+    segment.add_argument("--format", choices=sorted(OUTPUT_FORMATS),
+                         help="output type when --output is not given (dicom-seg: ./<input>.dcm)")
     segment.add_argument("--axis", choices=AXES, default="auto")
     segment.add_argument("--device", default="auto", help=f"one of {', '.join(DEVICE_CHOICES)} or cuda:N")
     segment.add_argument("--threshold", type=float, default=0.5, help="mask probability threshold (default 0.5)")

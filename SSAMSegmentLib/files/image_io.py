@@ -86,24 +86,31 @@ def is_truncated(path) -> bool:
     return False  # NRRD, MHA, PNG, TIFF: ITK's readers fail on a short file
 
 
-def _read_dicom_series(folder: Path) -> sitk.Image:
+def dicom_series_files(folder) -> list:
+    """The files of the DICOM series a folder is read as, in slice order (GDCM's sort by position along the slice
+    normal): file k is slice k of the image. A folder with several series: the one with the most slices, the usual
+    main acquisition."""
     reader = sitk.ImageSeriesReader()
     series = reader.GetGDCMSeriesIDs(str(folder))
     if not series:
         raise SSAMError(f"{folder} is a folder without a DICOM series; give an image file or a DICOM series folder")
-    # A folder with several series: take the one with the most slices, the usual main acquisition.
-    files = max((reader.GetGDCMSeriesFileNames(str(folder), sid) for sid in series), key=len)
-    reader.SetFileNames(files)
+    return list(max((reader.GetGDCMSeriesFileNames(str(folder), sid) for sid in series), key=len))
+
+
+def _read_dicom_series(folder: Path, files=None) -> sitk.Image:
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames([str(f) for f in files] if files else dicom_series_files(folder))
     return reader.Execute()
 
 
-def read_image(path) -> sitk.Image:
-    """Read and check one image; raise SSAMError naming the problem and the fix."""
+def read_image(path, dicom_files=None) -> sitk.Image:
+    """Read and check one image; raise SSAMError naming the problem and the fix. `dicom_files`: for a DICOM series
+    folder, its files as `dicom_series_files` listed them already (the folder is then not scanned a second time)."""
     path = Path(path).expanduser()
     if not path.exists():
         raise SSAMError(f"input {path} does not exist; check the path")
     try:
-        image = _read_dicom_series(path) if path.is_dir() else sitk.ReadImage(str(path))
+        image = _read_dicom_series(path, dicom_files) if path.is_dir() else sitk.ReadImage(str(path))
     except SSAMError:
         raise
     except RuntimeError as error:

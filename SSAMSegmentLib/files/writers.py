@@ -1,4 +1,5 @@
-"""Writing a segmentation result: a Slicer .seg.nrrd, a NIfTI/NRRD label map with a JSON sidecar, a PNG preview.
+"""Writing a segmentation result: a Slicer .seg.nrrd, a NIfTI/NRRD label map with a JSON sidecar, a DICOM SEG
+(dicom_seg.py, for an image read from DICOM), a PNG preview.
 
 Masks are `OrderedDict[str, SimpleITK.Image]` (label name -> uint8 0/1, all on the input image's grid). Every file is
 written through `atomic_output`: a failed write leaves nothing new behind and never touches an existing file.
@@ -18,13 +19,16 @@ from .image_io import same_geometry
 from .seg_nrrd import check_masks, mask_array, segment_colors, write_seg_nrrd
 
 LABEL_MAP_SUFFIXES = (".nii.gz", ".nii", ".nrrd")
-OUTPUT_SUFFIXES = (".seg.nrrd",) + LABEL_MAP_SUFFIXES
+DICOM_SEG_SUFFIX = ".dcm"
+OUTPUT_SUFFIXES = (".seg.nrrd",) + LABEL_MAP_SUFFIXES + (DICOM_SEG_SUFFIX,)
+# `ssam segment --format NAME`: the output type by name, for the default output name (the suffix decides the writer)
+OUTPUT_FORMATS = {"seg-nrrd": ".seg.nrrd", "nifti": ".nii.gz", "nrrd": ".nrrd", "dicom-seg": DICOM_SEG_SUFFIX}
 PREVIEW_TILE_SIZE = 320  # pixels on the longest side of one slice in the preview
 _FILL_OPACITY = 0.35
 
 
 def output_suffix(path) -> Optional[str]:
-    """The output format suffix of a path ('.seg.nrrd', '.nii.gz', '.nii', '.nrrd'), or None."""
+    """The output format suffix of a path ('.seg.nrrd', '.nii.gz', '.nii', '.nrrd', '.dcm'), or None."""
     name = Path(path).name.lower()
     return next((suffix for suffix in OUTPUT_SUFFIXES if name.endswith(suffix)), None)
 
@@ -231,13 +235,18 @@ def write_preview_png(path, image: sitk.Image, masks, array_axis: int = 0, max_t
 
 
 # ------------------------------------------------------------------------------------------------- dispatcher
-def write_outputs(output_path, image: sitk.Image, masks, preview_path=None, array_axis: int = 0) -> List[Path]:
+def write_outputs(output_path, image: sitk.Image, masks, preview_path=None, array_axis: int = 0,
+                  dicom_source=None, algorithm=None) -> List[Path]:
     """Write the result in the format named by the output's suffix (.seg.nrrd -> Slicer segmentation; .nii, .nii.gz,
-    .nrrd -> label map + JSON sidecar) and optionally a PNG preview. Returns the written paths."""
+    .nrrd -> label map + JSON sidecar; .dcm -> DICOM SEG referencing `dicom_source`, the DicomSeries the image was
+    read from, made by `algorithm` (dicom_seg.Algorithm)) and optionally a PNG preview. Returns the written paths."""
     suffix = output_suffix(output_path)
     if suffix is None:
         raise SSAMError(f"unknown output type {Path(output_path).name}; end the output name in one of: "
                         f"{', '.join(OUTPUT_SUFFIXES)}")
+    if suffix == DICOM_SEG_SUFFIX and dicom_source is None:
+        raise SSAMError(f"{Path(output_path).name} would be a DICOM SEG, but the image was not read from DICOM, so "
+                        f"there is no source series to reference; write .seg.nrrd or .nii.gz instead")
     if preview_path is not None and not str(preview_path).lower().endswith(".png"):
         raise SSAMError(f"preview {Path(preview_path).name} must end in .png")
     reference = check_masks(masks)
@@ -250,6 +259,10 @@ def write_outputs(output_path, image: sitk.Image, masks, preview_path=None, arra
     written: List[Path] = []
     if suffix == ".seg.nrrd":
         written.append(write_seg_nrrd(output_path, masks))
+    elif suffix == DICOM_SEG_SUFFIX:
+        from .dicom_seg import write_dicom_seg  # imported here: highdicom loads its standard tables (~2 s)
+
+        written.append(write_dicom_seg(output_path, masks, dicom_source, algorithm)[0])
     else:
         written += [write_label_map(output_path, masks), sidecar_path(output_path)]
     if preview_path is not None:

@@ -158,4 +158,5 @@ def load_adapter(model, path) -> dict:
 
     model.tile_records = records_from_metadata(metadata)
     model.adapter_metadata = metadata
+    model.adapter_path = Path(path)  # what a DICOM SEG names (and hashes) as the algorithm's adapter
     return metadata

@@ -10,6 +10,9 @@ Layouts, detected from the folder:
 - "folder2d": images/ and masks/ whose files match by name (the extension may differ: a.jpg with a.png), and
   labels.json mapping mask values to names ({"1": "polyp"} or {"polyp": 1}).
 - "segnrrd": images with Slicer segmentations beside them (case.nii.gz + case.seg.nrrd); labels = segment names.
+- "dicomseg": DICOM series folders with DICOM SEG files beside them (case.dcm next to the folder of its series,
+  whatever the folder's name): each SEG is paired with the series folder that holds the instances it references
+  (SOP Instance UIDs); labels = segment labels. Masks are read onto the series' grid (files/dicom_seg.py).
 - "memory": images and masks handed over in memory (the Slicer panel's "segmentations in this scene" mode).
 
 Rules (the same for every layout where they apply):
@@ -42,7 +45,7 @@ from ..errors import SSAMError
 from ..files.image_io import check_image, has_image_suffix, is_truncated, same_geometry, strip_image_suffix
 from ..model.text_encoders import label_key
 
-LAYOUTS = ("nnunet", "folder2d", "segnrrd", "memory", "combined")
+LAYOUTS = ("nnunet", "folder2d", "segnrrd", "dicomseg", "memory", "combined")
 MAX_LISTED_PROBLEMS = 20
 MASK_THRESHOLD_8BIT = 128
 IGNORE_LABEL = "ignore"
@@ -134,7 +137,8 @@ class Dataset:
 
 
 _LAYOUT_NAMES = {"nnunet": "nnU-Net / Medical Segmentation Decathlon", "folder2d": "images/ + masks/ + labels.json",
-                 "segnrrd": "images + Slicer .seg.nrrd", "memory": "segmentations in the scene",
+                 "segnrrd": "images + Slicer .seg.nrrd", "dicomseg": "DICOM series + DICOM SEG",
+                 "memory": "segmentations in the scene",
                  "combined": "several datasets"}
 
 
@@ -674,17 +678,108 @@ def _segnrrd_dataset(root: Path, labels, problems: List[str], notes: List[str]) 
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# DICOM SEG files beside their source series folders
+
+
+def _seg_files(root: Path) -> List[Path]:
+    from ..files.dicom_seg import is_dicom_seg  # imported here: only this layout needs pydicom
+
+    return [p for p in _listdir(root) if p.name.lower().endswith(".dcm") and is_dicom_seg(p)]
+
+
+def _read_dicomseg_case(series_folder: Path, seg_path: Path, names_by_key: Dict[str, str]):
+    from ..files.dicom_seg import read_dicom_seg
+    from ..files.dicom_series import DicomSeries
+    from ..files.image_io import read_image
+
+    image = read_image(series_folder)
+    found: Dict[str, np.ndarray] = {}
+    for segment, mask in read_dicom_seg(seg_path, grid=image, source=DicomSeries.of_input(series_folder)).items():
+        name = names_by_key.get(label_key(segment))
+        if name is not None:
+            array = sitk.GetArrayFromImage(mask)
+            found[name] = array if name not in found else (found[name] | array)
+    return image, found
+
+
+def _dicomseg_dataset(root: Path, labels, problems: List[str], notes: List[str]) -> Dataset:
+    from ..files.dicom_seg import read_dicom_seg, referenced_instances
+    from ..files.dicom_series import DicomSeries
+    from ..files.image_io import read_image
+
+    series_of_instance: Dict[str, Path] = {}
+    sources: Dict[Path, DicomSeries] = {}
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        try:
+            sources[folder] = DicomSeries.of_input(folder)
+        except SSAMError:
+            continue  # a folder without a DICOM series: not a case
+        for uid in sources[folder].sop_instance_uids:
+            series_of_instance[uid] = folder
+    pairs: List[_Pair] = []
+    paired = set()
+    for seg_path in _seg_files(root):
+        seg_name = _rel(root, seg_path)
+        try:
+            references = referenced_instances(seg_path)
+        except Exception:  # a damaged header: pydicom raises many kinds
+            problems.append(f"cannot read {seg_name} as a DICOM SEG; export it again")
+            continue
+        folders = {series_of_instance.get(uid) for uid in references}
+        if not references or None in folders or len(folders) != 1:
+            problems.append(f"{seg_name} references {len(references)} instances that are not all in one series "
+                            f"folder here; put the folder of the series it was made on beside it")
+            continue
+        folder = folders.pop()
+        pairs.append(_Pair(strip_image_suffix(seg_path.name), folder, seg_path))
+        paired.add(folder)
+    for folder in sources:
+        if folder not in paired:
+            problems.append(f"{_rel(root, folder)}/ has no DICOM SEG beside it; add its segmentation or move it out")
+    if not pairs and not problems:
+        problems.append("no DICOM SEG file (.dcm) found beside the series folders; export the segmentations first")
+    names_by_key: "OrderedDict[str, str]" = OrderedDict()
+    kinds: set = set()
+    present: Dict[str, set] = {}
+    for pair in pairs:
+        seg_name = _rel(root, pair.mask)
+        try:
+            image = read_image(pair.image)
+            masks = read_dicom_seg(pair.mask, grid=image, source=sources[pair.image])
+        except SSAMError as error:
+            problems.append(" ".join(str(error).replace(str(root) + "/", "").split()))
+            continue
+        if not masks:
+            problems.append(f"{seg_name} has no segments; export it with its segments")
+            continue
+        for segment in masks:
+            names_by_key.setdefault(label_key(segment), segment)
+        kinds.add(_image_kind(image))
+        present[pair.case_id] = {names_by_key[label_key(s)] for s, m in masks.items()
+                                 if sitk.GetArrayViewFromImage(m).any()}
+    names = _select(list(names_by_key.values()), labels, problems)
+    if problems:
+        raise DatasetProblems(root, problems)
+    chosen = {label_key(name): name for name in names}
+    cases = [Case(p.case_id, p.image, names, partial(_read_dicomseg_case, p.image, p.mask, chosen),
+                  present[p.case_id] & set(names)) for p in pairs]
+    return _finish(root, "dicomseg", names, cases, notes, kinds, list(names_by_key.values()), labels)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Public entry points
 
 
 def detect_layout(root: Path) -> Optional[str]:
-    """"nnunet", "folder2d" or "segnrrd" from the folder's contents; None when it looks like none of them."""
+    """"nnunet", "folder2d", "segnrrd" or "dicomseg" from the folder's contents; None when it looks like none."""
     if any((root / name).exists() for name in ("dataset.json", "imagesTr", "labelsTr")):
         return "nnunet"
     if any((root / name).exists() for name in ("images", "masks", "labels.json")):
         return "folder2d"
     if any(p.name.lower().endswith(".seg.nrrd") for p in _listdir(root)):
         return "segnrrd"
+    if _seg_files(root):
+        return "dicomseg"
     return None
 
 
@@ -699,11 +794,14 @@ def open_dataset(path, labels=None) -> Dataset:
     if layout is None:
         raise DatasetProblems(root, [
             "no known layout found: expected dataset.json + imagesTr/ + labelsTr/ (nnU-Net), images/ + masks/ + "
-            "labels.json, or images with .seg.nrrd segmentations beside them"])
+            "labels.json, images with .seg.nrrd segmentations beside them, or DICOM series folders with DICOM SEG "
+            ".dcm files beside them"])
     problems: List[str] = []
     notes: List[str] = []
     if layout == "segnrrd":
         return _segnrrd_dataset(root, labels, problems, notes)
+    if layout == "dicomseg":
+        return _dicomseg_dataset(root, labels, problems, notes)
     found = _find_nnunet(root, problems, notes) if layout == "nnunet" else _find_folder2d(root, problems, notes)
     return _labelmap_dataset(root, layout, found, labels, problems, notes)
 

@@ -13,10 +13,12 @@ Metrics are computed per label on the image's own grid, with its spacing (masks 
   of centre-to-centre distances, from SimpleITK distance maps computed with the voxel spacing. None (never inf or
   NaN) when either mask is blank; averaged over the cases where it is defined.
 
-Inputs: a .seg.nrrd (segment names are the labels) or a label map (NIfTI, NRRD, MHA...) whose values are named by,
+Inputs: a .seg.nrrd or a DICOM SEG .dcm (segment names are the labels) or a label map (NIfTI, NRRD, MHA...) whose values are named by,
 in this order: its JSON sidecar (case.json beside case.nii.gz, as `writers.write_label_map` writes it), the
 `label_map` given (a JSON file, optionally FILE.json:GROUP for a file with several groups, or NAME=VALUE strings), or
 else the values themselves ("1", "2", ...). Labels match by name regardless of case and '_' vs ' '.
+A DICOM SEG stores only the frames with foreground, so it is put onto the other side's grid (two SEGs: onto the
+grid that covers both) before comparing, without resampling (dicom_seg.place_masks).
 """
 
 import csv
@@ -259,8 +261,17 @@ def _is_segmentation_file(path: Path) -> bool:
     return path.name.lower().endswith(".seg.nrrd")
 
 
+def _is_dicom_seg_file(path: Path) -> bool:
+    if not path.name.lower().endswith(".dcm"):
+        return False
+    from ..files.dicom_seg import is_dicom_seg  # imported here: only DICOM SEG inputs need pydicom
+
+    return is_dicom_seg(path)
+
+
 def load_masks(path, label_map=None, labels: Optional[Sequence[str]] = None) -> "OrderedDict[str, sitk.Image]":
-    """Read a .seg.nrrd or a label map file into a mask set (label name -> uint8 0/1 image).
+    """Read a .seg.nrrd, a DICOM SEG or a label map file into a mask set (label name -> uint8 0/1 image); a DICOM
+    SEG's masks are on its own span of frames.
 
     label_map (for label map files without a JSON sidecar): a JSON file, NAME=VALUE strings or a dict. labels: keep
     only these (matched regardless of case), e.g. the labels of a prediction, so a 100-label reference does not
@@ -270,8 +281,13 @@ def load_masks(path, label_map=None, labels: Optional[Sequence[str]] = None) -> 
     if not path.is_file():
         raise SSAMError(f"{path} does not exist or is not a file; give a .seg.nrrd or a label map file")
     wanted = None if labels is None else {label_key(name) for name in labels}
-    if _is_segmentation_file(path):
-        masks, _colors = read_seg_nrrd(path)
+    if _is_segmentation_file(path) or _is_dicom_seg_file(path):
+        if _is_dicom_seg_file(path):
+            from ..files.dicom_seg import read_dicom_seg
+
+            masks = read_dicom_seg(path)  # on the SEG's own span of frames: evaluate() places it
+        else:
+            masks, _colors = read_seg_nrrd(path)
         if wanted is not None:
             masks = OrderedDict((name, mask) for name, mask in masks.items() if label_key(name) in wanted)
         return masks
@@ -288,7 +304,7 @@ def _reference_masks(path: Path, label_map, prediction_names: Sequence[str]):
     """The reference's masks for the predicted labels (one blank mask on its grid when it has none of them), and the
     names of its other labels that hold foreground."""
     wanted = {label_key(name) for name in prediction_names}
-    if _is_segmentation_file(path):
+    if _is_segmentation_file(path) or _is_dicom_seg_file(path):
         masks = load_masks(path)
         if not masks:
             raise SSAMError(f"{path} has no segments; save the reference with its segments")
@@ -320,6 +336,12 @@ def _case_files(folder: Path) -> "OrderedDict[str, Path]":
             by_case.setdefault(strip_image_suffix(path.name), []).append(path)
     chosen: "OrderedDict[str, Path]" = OrderedDict()
     for case, paths in sorted(by_case.items()):
+        dicom_segs = [p for p in paths if _is_dicom_seg_file(p)]
+        if dicom_segs:  # a DICOM SEG is the case's segmentation, like a .seg.nrrd
+            paths = dicom_segs + [p for p in paths if _is_segmentation_file(p)]
+            if len(paths) > 1:
+                names = ", ".join(p.name for p in paths)
+                raise SSAMError(f"case {case!r} has several segmentations in {folder} ({names}); keep one per case")
         for suffixes in _CASE_FILE_PRIORITY:
             candidates = [p for p in paths if p.name.lower().endswith(suffixes) and
                           not (suffixes != (".seg.nrrd",) and _is_segmentation_file(p))]
@@ -347,6 +369,27 @@ def _summary(rows: Sequence[dict]) -> dict:
         hd95_mm=_mean(r["hd95_mm"] for r in rows),
         hd95_cases=sum(r["hd95_mm"] is not None for r in rows),
     )
+
+
+def _on_one_grid(prediction, reference, prediction_is_dicom_seg: bool, reference_is_dicom_seg: bool):
+    """Put DICOM SEG masks (stored on the span of their frames) on the other side's grid, or both SEGs on the grid
+    that covers both; other mask sets are left as they are (evaluate_case checks their grids)."""
+    if not (prediction_is_dicom_seg or reference_is_dicom_seg):
+        return prediction, reference
+    from ..files.dicom_seg import common_grid, place_masks
+
+    first_prediction, first_reference = next(iter(prediction.values())), next(iter(reference.values()))
+    if same_geometry(first_prediction, first_reference):
+        return prediction, reference
+    if prediction_is_dicom_seg and reference_is_dicom_seg:
+        grid = common_grid(first_reference, first_prediction)
+    else:
+        grid = first_reference if prediction_is_dicom_seg else first_prediction
+    if prediction_is_dicom_seg:
+        prediction = place_masks(prediction, grid, "the predicted DICOM SEG")
+    if reference_is_dicom_seg:
+        reference = place_masks(reference, grid, "the reference DICOM SEG")
+    return prediction, reference
 
 
 def evaluate(prediction, reference, label_map=None) -> dict:
@@ -386,6 +429,9 @@ def evaluate(prediction, reference, label_map=None) -> dict:
             raise SSAMError(f"{prediction_path} has no labels to evaluate; give a segmentation with at least one label")
         reference_masks, other = _reference_masks(reference_path, label_map, list(predicted_masks))
         try:
+            predicted_masks, reference_masks = _on_one_grid(predicted_masks, reference_masks,
+                                                            _is_dicom_seg_file(prediction_path),
+                                                            _is_dicom_seg_file(reference_path))
             result = evaluate_case(predicted_masks, reference_masks)
         except SSAMError as error:
             raise SSAMError(f"case {case!r}: {error}") from None
@@ -491,7 +537,8 @@ def write_report(report: dict, output_dir_or_prefix) -> List[Path]:
 # ------------------------------------------------------------------------------------------------------ command
 def add_arguments(parser) -> None:
     """Arguments of `ssam evaluate PREDICTION REFERENCE [--label-map FILE_OR_NAME=VALUE ...] [--output PREFIX]`."""
-    parser.add_argument("prediction", help="a .seg.nrrd or label map file, or a folder of them (one per case)")
+    parser.add_argument("prediction", help="a .seg.nrrd, DICOM SEG (.dcm) or label map file, or a folder of them "
+                                           "(one per case)")
     parser.add_argument("reference", help="the reference file, or a folder whose files have the same case names")
     parser.add_argument("--label-map", nargs="+", action="extend", metavar="FILE_OR_NAME=VALUE",
                         help="names of label map values, for label maps without a JSON sidecar: a JSON file "

@@ -150,3 +150,27 @@ def test_two_inputs_with_one_output_name_are_refused(data_dir, tmp_path):
 def test_help_exits_0():
     run = run_batch("--help")
     assert run.returncode == 0 and "--input" in run.stdout + run.stderr
+
+
+@pytest.mark.data
+@pytest.mark.slow
+def test_dicom_seg_for_the_dicom_inputs_when_asked(data_dir, tiny_adapter, tmp_path):
+    pydicom = pytest.importorskip("pydicom")
+    from SSAMSegmentLib.files.dicom_seg import referenced_instances
+    from SSAMSegmentLib.files.dicom_series import DicomSeries
+
+    folder = tmp_path / "cases"
+    folder.mkdir()
+    (folder / "abdomen.nii.gz").symlink_to(data_dir / "totalsegmentator-ct" / "example_ct_sm.nii.gz")
+    (folder / "chest_dicom").symlink_to(data_dir / "dcmqi-ct-3slice", target_is_directory=True)
+    run = run_batch("--input", folder, "--label", "liver", "--output", tmp_path / "out", "--adapter", tiny_adapter,
+                    "--device", "cpu", "--dicom-seg")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert any(line.startswith("OK     chest_dicom -> ") and line.split(" -> ")[1].startswith(
+        str(tmp_path / "out" / "chest_dicom.dcm")) for line in run.stdout.splitlines()), run.stdout
+    # The DICOM series gets a SEG of its instances, the NIfTI (no series to reference) its .seg.nrrd.
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["abdomen.seg.nrrd", "chest_dicom.dcm"]
+    seg = pydicom.dcmread(str(tmp_path / "out" / "chest_dicom.dcm"))
+    assert seg.Modality == "SEG" and [str(s.SegmentLabel) for s in seg.SegmentSequence] == ["liver"]
+    source = DicomSeries.of_input(data_dir / "dcmqi-ct-3slice")
+    assert referenced_instances(tmp_path / "out" / "chest_dicom.dcm") == set(source.sop_instance_uids)

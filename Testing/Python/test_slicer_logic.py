@@ -549,6 +549,17 @@ def test_dependency_list_comes_from_pyproject_with_torch_apart():
         "numpy>=999", "no-such-package-ssam>=1"]
 
 
+def test_highdicom_is_not_installed_over_slicers_own_pydicom(monkeypatch):
+    import importlib.metadata
+
+    real_version = importlib.metadata.version
+    assert any(r.startswith("highdicom") for r in Logic.pythonRequirements()[1])  # pydicom 3 here: installed
+    monkeypatch.setattr(importlib.metadata, "version",
+                        lambda name: "2.4.4" if name == "pydicom" else real_version(name))  # Slicer 5.8's pydicom
+    torch_requirements, others = Logic.pythonRequirements()
+    assert not any(r.startswith("highdicom") for r in others) and "numpy>=1.24" in others
+
+
 def test_label_text_and_adapter_names(tmp_path, monkeypatch):
     assert Logic.parseLabels(" liver, spleen;; kidney left\n") == ["liver", "spleen", "kidney left"]
     assert Logic.parseLabels("") == []

@@ -166,6 +166,7 @@ class SSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._taskContext = {}
         self._afterDownload = None
         self._knownLabels = []
+        self._scenePairs = []  # (image, segmentation) pairs listed for training from the scene
 
     # --- set-up -----------------------------------------------------------------------------------------------
 
@@ -308,11 +309,11 @@ class SSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.trainButton.enabled = not self._running() and bool(self.ui.trainingAdapterNameLineEdit.text.strip())
         self.ui.downloadWeightsButton.enabled = not self._running()
 
-    def setStatus(self, text: str, error: bool = False, training: bool = False) -> None:
+    def setStatus(self, text: str, error: bool = False, training: bool = False, warning: bool = False) -> None:
         label = self.ui.trainingStatusLabel if training else self.ui.statusLabel
         label.text = text
-        label.setStyleSheet("color: #c0392b;" if error else "")
-        if error:
+        label.setStyleSheet("color: #c0392b;" if error else "color: #b9770e;" if warning else "")
+        if error or warning:
             logging.warning(f"SSAM Segment: {text}")
 
     # --- models and labels ------------------------------------------------------------------------------------
@@ -357,16 +358,16 @@ class SSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onLabelsEdited(self, text) -> None:
         """Complete the name being typed after the last comma with the adapter's labels."""
+        from SSAMSegmentLib.model.labels import label_key
+
         prefix, separator, current = str(text).rpartition(",")
         lead = prefix + separator + current[: len(current) - len(current.lstrip())]
-        typed = {name.lower() for name in SSAMSegmentLogic.parseLabels(prefix)}
-        choices = [lead + name for name in self._knownLabels if name.lower() not in typed]
+        typed = {label_key(name) for name in SSAMSegmentLogic.parseLabels(prefix)}
+        choices = [lead + name for name in self._knownLabels if label_key(name) not in typed]
         self._labelsCompleter.setModel(qt.QStringListModel(choices, self._labelsCompleter))
 
     def onKnownLabelChosen(self, action) -> None:
-        labels = SSAMSegmentLogic.parseLabels(self.ui.labelsLineEdit.text)
-        if action.text.lower() not in [label.lower() for label in labels]:
-            labels.append(action.text)
+        labels = SSAMSegmentLogic.parseLabels(self.ui.labelsLineEdit.text + "," + action.text)
         self.ui.labelsLineEdit.text = ", ".join(labels)
 
     def onAddAdapter(self) -> None:
@@ -470,7 +471,7 @@ class SSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onDownloadWeights(self) -> None:
         if self._running() or not self.ensureDependencies():
             return
-        if self.ensureWeights(["sam_vit_b"], None):
+        if self.ensureWeights(self.logic.baseWeights("sam_vit_b"), None):
             self.setStatus(_("SAM ViT-B weights are already in {folder}.").format(folder=self.logic.cacheFolder()))
 
     # --- segmenting -------------------------------------------------------------------------------------------
@@ -572,10 +573,11 @@ class SSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.outputSegmentationSelector.setCurrentNode(segmentation)
             slicer.util.setSliceViewerLayers(background=context["volume"])
             names = [segmentation.GetSegmentation().GetSegment(i).GetName() for i in segmentIds.values()]
-            message = _("Added {segments} to {node}.").format(segments=", ".join(names), node=segmentation.GetName())
-            if emptyLabels:
-                message += " " + _("Nothing found for: {labels} (empty segments).").format(labels=", ".join(emptyLabels))
-            self.setStatus(message)
+            untaught = task.result.get("untaught_labels", [])
+            warnings = task.result.get("warnings", [])
+            self.setStatus(self.logic.segmentationMessage(names, segmentation.GetName(), emptyLabels, untaught,
+                                                          task.result.get("notes", []), warnings),
+                           warning=bool(warnings))
             logging.info(f"SSAM Segment: {summary}")
         elif task.kind == "training":
             adapterPath = task.result.get("adapter_path")
@@ -622,8 +624,8 @@ class SSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         if self._running() or not self.ensureDependencies():
             return
-        base = "sam_vit_b" if self.ui.trainingBaseComboBox.currentIndex == 1 else "litemedsam"
-        if not self.ensureWeights(["sam_vit_b"] if base == "sam_vit_b" else [], self.onTrainButton):
+        base = SSAMSegmentLogic.TRAINING_BASES[self.ui.trainingBaseComboBox.currentIndex]
+        if not self.ensureWeights(self.logic.baseWeights(base), self.onTrainButton):
             return
         labels = SSAMSegmentLogic.parseLabels(self.ui.trainingLabelsLineEdit.text) or None
         try:
@@ -634,7 +636,7 @@ class SSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                                 device=DEVICES.get(self.ui.deviceComboBox.currentText, "auto"))
             else:
                 listWidget = self.ui.trainingPairsListWidget
-                pairs = [pair for row, pair in enumerate(getattr(self, "_scenePairs", []))
+                pairs = [pair for row, pair in enumerate(self._scenePairs)
                          if listWidget.item(row).checkState() == qt.Qt.Checked]
                 with slicer.util.WaitCursor():
                     task = self.logic.startTraining(output, pairs=pairs, base=base, labels=labels,
@@ -701,6 +703,9 @@ class SSAMSegmentLogic(ScriptedLoadableModuleLogic):
     """
 
     DEFAULT_ADAPTER = "default"
+    # The bases offered for training, in the order of the panel's choices (Resources/UI/SSAMSegment.ui); their
+    # facts (weights, names) are the library's (SSAMSegmentLib/model/bases.py).
+    TRAINING_BASES = ("litemedsam", "sam_vit_b")
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
@@ -788,8 +793,24 @@ class SSAMSegmentLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def parseLabels(text) -> List[str]:
-        """'liver, spleen;kidney' -> ['liver', 'spleen', 'kidney'] (commas, semicolons or new lines separate)."""
-        return [part.strip() for part in re.split(r"[,;\n]", str(text or "")) if part.strip()]
+        """'liver, spleen;kidney' -> ['liver', 'spleen', 'kidney'], as the command line reads --label (labels.py)."""
+        from SSAMSegmentLib.model.labels import split_labels, unique
+
+        return unique(split_labels(text))
+
+    @staticmethod
+    def segmentationMessage(segmentNames, nodeName, emptyLabels, untaughtLabels, notes=(), warnings=()) -> str:
+        """The status line after a segmentation: what was added, the empty segments said as their label allows
+        (an untaught label's empty segment is "not found (untaught label)", never absent), then the result's notes
+        (a name read as a trained label) and warnings (labels never taught, with the fix)."""
+        from SSAMSegmentLib.model.labels import empty_report
+
+        message = _("Added {segments} to {node}.").format(segments=", ".join(segmentNames), node=nodeName)
+        parts = empty_report(emptyLabels, untaughtLabels) + [f"note: {note}" for note in notes] + [
+            f"warning: {warning}" for warning in warnings]
+        for part in parts:
+            message += f" {part[0].upper()}{part[1:]}."
+        return message
 
     @staticmethod
     def cacheFolder() -> Path:
@@ -850,18 +871,27 @@ class SSAMSegmentLogic(ScriptedLoadableModuleLogic):
             base = self.adapterInfo(path)["base"]
         except Exception:
             return name
-        return f"{name} ({'SAM ViT-B' if base == 'sam_vit_b' else 'LiteMedSAM' if base == 'litemedsam' else base})"
+        try:  # the base's short name is the library's (it needs PyTorch; without it the id is shown)
+            from SSAMSegmentLib.model.bases import get_base
+
+            base = get_base(base).display_name
+        except Exception:
+            pass
+        return f"{name} ({base})"
 
     def weightsNeeded(self, adapter, labels) -> List[str]:
         """Ids of the downloadable weight files segmenting `labels` with `adapter` needs (present or not)."""
-        from SSAMSegmentLib.model.text_encoders import label_key
+        from SSAMSegmentLib.model.loading import required_weights
 
         info = self.adapterInfo(adapter)
-        needed = ["sam_vit_b"] if info["base"] == "sam_vit_b" else []
-        known = {label_key(name) for name in info["labels"]}
-        if info["text_encoder"] == "clip-vit-b-32" and any(label_key(label) not in known for label in labels):
-            needed.append("clip-vit-b-32")
-        return needed
+        return required_weights(info["base"], info["text_encoder"], labels, info["labels"])
+
+    @staticmethod
+    def baseWeights(base) -> List[str]:
+        """Ids of the downloadable weight files training on `base` needs (present or not)."""
+        from SSAMSegmentLib.model.loading import required_weights
+
+        return required_weights(base)
 
     @staticmethod
     def missingWeights(weightIds) -> list:
@@ -877,40 +907,42 @@ class SSAMSegmentLogic(ScriptedLoadableModuleLogic):
 
     # --- segmenting -------------------------------------------------------------------------------------------
 
-    def _model(self, adapter, base, device):
+    def _model(self, adapter, base, device, precision):
         import SSAMSegmentLib
 
-        key = (str(adapter), base, device)
+        key = (str(adapter), base, device, precision)
         if key not in self._models:
             self._models.clear()  # one model in memory at a time
-            self._models[key] = SSAMSegmentLib.load(base=base, adapter=adapter, device=device, merge=True)
+            self._models[key] = SSAMSegmentLib.load(base=base, adapter=adapter, device=device, merge=True,
+                                                    precision=precision)
         return self._models[key]
 
     def segment(self, volumeNode, labels, segmentationNode=None, adapter="default", axis="auto", device="auto",
-                replaceExisting=False, base=None, progress=None, cancel=None):
+                replaceExisting=False, base=None, progress=None, cancel=None, precision="auto"):
         """Segment `labels` in `volumeNode` here and now; return (segmentation node, {label: segment ID}, result).
 
         `progress(fraction, message)` and `cancel.is_set()` are passed to the model; a cancelled or failed run
-        leaves the scene as it was.
+        leaves the scene as it was. `precision`: "auto" (bf16 where the hardware computes it natively), "float32" or
+        "bf16" (SSAMSegmentLib.model.devices.PRECISIONS).
         """
         from SSAMSegmentLib.slicer.scene_nodes import image_from_volume_node
 
         image = image_from_volume_node(volumeNode)
-        result = self._model(adapter, base, device).segment(image, labels, axis=axis, progress=progress, cancel=cancel)
+        result = self._model(adapter, base, device, precision).segment(image, labels, axis=axis, progress=progress,
+                                                                       cancel=cancel)
         segmentation, segmentIds = self.writeMasks(result.masks, volumeNode, segmentationNode, replaceExisting, image)
         return segmentation, segmentIds, result
 
     def startSegmentation(self, volumeNode, labels, adapter="default", axis="auto", device="auto", base=None,
-                          python=None):
+                          python=None, precision="auto"):
         """Start segmenting in a background process; poll the task, then call `finishSegmentation`."""
         from SSAMSegmentLib.slicer import background_task
         from SSAMSegmentLib.slicer.scene_nodes import image_from_volume_node, volume_grid
 
         image = image_from_volume_node(volumeNode)
         task = background_task.start_segmentation(image, labels, adapter=adapter, base=base, device=device, axis=axis,
-                                                  python=python)
-        task.inputImage = image
-        task.inputGrid = volume_grid(volumeNode)
+                                                  precision=precision, python=python)
+        task.context.update(image=image, grid=volume_grid(volumeNode))
         return task
 
     def finishSegmentation(self, task, volumeNode, segmentationNode=None, replaceExisting=False):
@@ -922,12 +954,12 @@ class SSAMSegmentLogic(ScriptedLoadableModuleLogic):
         from SSAMSegmentLib.slicer import background_task
         from SSAMSegmentLib.slicer.scene_nodes import volume_grid
 
-        if volumeNode.GetScene() is None or (hasattr(task, "inputGrid") and volume_grid(volumeNode) != task.inputGrid):
+        if volumeNode.GetScene() is None or ("grid" in task.context and volume_grid(volumeNode) != task.context["grid"]):
             raise SSAMError(f"volume '{volumeNode.GetName()}' was changed or removed while it was being segmented; "
                             f"nothing was written, run the segmentation again")
         masks = background_task.segmentation_masks(task)
         segmentation, segmentIds = self.writeMasks(masks, volumeNode, segmentationNode, replaceExisting,
-                                                   getattr(task, "inputImage", None))
+                                                   task.context.get("image"))
         return segmentation, segmentIds, list(task.result.get("empty_labels", [])), task.result.get("summary", "")
 
     def writeMasks(self, masks, volumeNode, segmentationNode=None, replaceExisting=False, image=None):
@@ -977,9 +1009,13 @@ class SSAMSegmentLogic(ScriptedLoadableModuleLogic):
         return [case for case in cases if case[2]]
 
     @staticmethod
-    def trainingConfig(output, folder=None, base="litemedsam", labels=None, epochs=20, device="auto", **extra) -> dict:
-        """TrainingConfig fields as a plain dict (it travels to the background process as JSON)."""
+    def trainingConfig(output, folder=None, base=None, labels=None, epochs=20, device="auto", **extra) -> dict:
+        """TrainingConfig fields as a plain dict (it travels to the background process as JSON); base None: the
+        library's default base."""
         from SSAMSegmentLib import SSAMError
+        from SSAMSegmentLib.model.loading import DEFAULT_BASE
+
+        base = base or DEFAULT_BASE
 
         if folder is not None and (not str(folder).strip() or not Path(folder).is_dir()):
             raise SSAMError(f"dataset folder '{folder}' does not exist; choose the folder with the training images")
@@ -990,7 +1026,7 @@ class SSAMSegmentLogic(ScriptedLoadableModuleLogic):
         config.update(extra)
         return config
 
-    def train(self, output, folder=None, pairs=None, base="litemedsam", labels=None, epochs=20, device="auto",
+    def train(self, output, folder=None, pairs=None, base=None, labels=None, epochs=20, device="auto",
               progress=None, cancel=None, **extra):
         """Train an adapter here and now from a dataset folder or scene pairs; return the TrainingResult."""
         import SSAMSegmentLib
@@ -1001,7 +1037,7 @@ class SSAMSegmentLogic(ScriptedLoadableModuleLogic):
             config["data"] = datasets.memory_dataset(self.trainingCases(pairs, labels))
         return SSAMSegmentLib.train(SSAMSegmentLib.TrainingConfig(**config), progress=progress, cancel=cancel)
 
-    def startTraining(self, output, folder=None, pairs=None, base="litemedsam", labels=None, epochs=20,
+    def startTraining(self, output, folder=None, pairs=None, base=None, labels=None, epochs=20,
                       device="auto", python=None, **extra):
         """Train in a background process; the task's events include 'training' rows (epoch, loss, Dice...)."""
         from SSAMSegmentLib.slicer import background_task
@@ -1068,6 +1104,7 @@ class SSAMSegmentTest(ScriptedLoadableModuleTest):
         task.wait(timeout=1800)
         segmentation, ids, empty, summary = logic.finishSegmentation(task, volume)
         self.assertEqual(list(ids), labels[:1])
+        self.assertNotIn("untaught", summary)  # the adapter's own label is taught
         self.assertEqual(segmentation.GetSegmentation().GetSegment(ids[labels[0]]).GetName(), labels[0])
         task.cleanup()
         self.delayDisplay(f"Default adapter test passed: {summary}")

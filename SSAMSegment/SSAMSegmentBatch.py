@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--adapter", default="default", help="adapter file (default: the adapter shipped with SSAM Segment)")
     parser.add_argument("--device", default="auto", help="auto (default), cpu, gpu, cuda, cuda:N or mps")
     parser.add_argument("--axis", choices=AXES, default="auto", help="slice axis (default: auto)")
+    # Checked by SSAMSegmentLib.load (its PRECISIONS), which the parser cannot import before the packages are there.
+    parser.add_argument("--precision", default="auto",
+                        help="auto (default): bf16 where the hardware computes it natively; float32 forces it off")
     parser.add_argument("--dicom-seg", action="store_true",
                         help="write a DICOM SEG (.dcm) for each DICOM input instead of a .seg.nrrd")
     return parser
@@ -112,7 +115,9 @@ def device_name(text: str) -> str:
 def run(argv) -> int:
     try:
         args = build_parser().parse_args(argv)
-        labels = [part.strip() for label in args.label for part in label.split(",") if part.strip()]
+        from SSAMSegmentLib.model.labels import split_labels, unique
+
+        labels = unique(split_labels(args.label))
         if not labels:
             raise UsageError("--label is empty; name the structure to segment, e.g. --label liver")
         output_folder = Path(args.output).expanduser()
@@ -135,7 +140,8 @@ def run(argv) -> int:
             except SSAMError as error:
                 raise UsageError(str(error)) from None
         try:
-            model = SSAMSegmentLib.load(adapter=args.adapter, device=device_name(args.device), merge=True)
+            model = SSAMSegmentLib.load(adapter=args.adapter, device=device_name(args.device), merge=True,
+                                        precision=args.precision)
         except SSAMError as error:
             raise UsageError(str(error)) from None
         try:
@@ -150,8 +156,8 @@ def run(argv) -> int:
         return int(done.code or 0)
 
     print(f"SSAM Segment: {len(inputs)} case(s), labels {', '.join(labels)}, model {model.spec.id}, "
-          f"device {model.device}", flush=True)
-    failed = []
+          f"device {model.device}, precision {model.precision}", flush=True)
+    failed, said = [], set()
     for item, output in zip(inputs, outputs):
         start = time.perf_counter()
         try:
@@ -168,8 +174,11 @@ def run(argv) -> int:
             print(f"FAILED {item.name}: internal error ({type(error).__name__}: {error})", flush=True)
             continue
         print(f"OK     {item.name} -> {output} ({time.perf_counter() - start:.1f} s): {result.summary()}", flush=True)
-        for note in getattr(result, "notes", []):
-            print(f"       note: {note}", flush=True)
+        lines = [f"note: {note}" for note in result.notes] + [f"warning: {warning}" for warning in result.warnings]
+        for line in lines:  # a label's note is the same for every case: said once
+            if line not in said:
+                said.add(line)
+                print(f"       {line}", flush=True)
     done = len(inputs) - len(failed)
     print(f"{done} of {len(inputs)} case(s) segmented" + (f"; failed: {', '.join(failed)}" if failed else ""),
           flush=True)

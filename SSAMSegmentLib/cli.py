@@ -13,7 +13,7 @@ import sys
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from . import __version__
-from .model.devices import DEVICE_CHOICES
+from .model.devices import DEVICE_CHOICES, PRECISIONS
 from .errors import SSAMError
 
 
@@ -67,7 +67,7 @@ def _info(args) -> int:
         print(f"  {group:<22}{counts[group]:>12,}")
     if metadata:
         print(f"adapter         {args.adapter}")
-        print(f"  labels        {', '.join(metadata.get('labels', [])) or '(none)'}")
+        print(f"  taught labels {', '.join(metadata.get('labels', [])) or '(none)'}")
         print(f"  base SHA256   {metadata.get('base_sha256')}")
         for key, value in (metadata.get("training") or {}).items():
             print(f"  {key:<14}{value}")
@@ -106,22 +106,25 @@ def _parse_window(text):
 def _segment(args) -> int:
     from .model.loading import load
     from .inference.segment_files import check_output_path, dicom_source_for, resolve_output, segment_file
+    from .inference.sparse_slices import DEFAULT_PROBE_MM
 
     output = check_output_path(resolve_output(args.input, args.output, args.format))
     dicom_source = dicom_source_for(args.input, output)  # a DICOM SEG of a non-DICOM input fails here, before work
-    if args.precision == "bf16":
-        os.environ["SSAM_CPU_BF16"] = "1"  # read when the fast encoder is built (fast_encoder.py)
-    model = load(base=args.base, adapter=args.adapter or "default", device=args.device, merge=True)
+    model = load(base=args.base, adapter=args.adapter or "default", device=args.device, merge=True,
+                 precision=args.precision)
     update, close = _progress_bar("segmenting")
     try:
         result = segment_file(model, args.input, args.label, output, axis=args.axis, preview=args.preview,
                               threshold=args.threshold, intensity=args.intensity, window=_parse_window(args.window),
-                              progress=update, dicom_source=dicom_source)
+                              progress=update, dicom_source=dicom_source,
+                              probe_mm=None if args.every_slice else DEFAULT_PROBE_MM)
     finally:
         close()
     print(result.summary())
     for note in result.notes:
         print(f"note: {note}")
+    for warning in result.warnings:
+        print(f"ssam segment: warning: {warning}", file=sys.stderr)
     for path in result.outputs:
         print(f"wrote {path}")
     return 0
@@ -130,7 +133,7 @@ def _segment(args) -> int:
 def _demo(args) -> int:
     from .demo import run_demo
 
-    return run_demo(args.output, device=args.device)
+    return run_demo(args.output, device=args.device, data_folder=args.data)
 
 
 # --- parser ---------------------------------------------------------------------------------------------------------
@@ -164,7 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     segment = commands.add_parser("segment", help="segment an image from label names")
     segment.add_argument("input", help="image file (NIfTI, NRRD, MHA, PNG, JPEG, TIFF, BMP) or DICOM series folder")
-    segment.add_argument("--label", action="append", required=True, help="label name; repeat for several")
+    segment.add_argument("--label", action="append", required=True,
+                         help="label name; repeat (or separate with commas) for several; `ssam info --adapter "
+                              "default` lists the labels the adapter was taught")
     segment.add_argument("--adapter", help="adapter file (default: the adapter shipped with SSAM Segment)")
     segment.add_argument("--base", choices=sorted(BASES), help="base model (default: the adapter's)")
     segment.add_argument("--output", help="output .seg.nrrd, label map .nii.gz/.nrrd, or DICOM SEG .dcm (DICOM input "
@@ -177,9 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--intensity", choices=INTENSITY_MODES, default="auto", help="intensity normalisation")
     segment.add_argument("--window", help="CT window as LEVEL,WIDTH in HU (e.g. 40,400)")
     segment.add_argument("--preview", help="also write a PNG montage of the slices with most foreground")
-    segment.add_argument("--precision", choices=("float32", "bf16"), default="float32",
-                         help="bf16: 1.3-2.4x faster on CPUs with native bfloat16, masks differ slightly "
-                              "(Dice ~0.95-0.99 against float32)")
+    segment.add_argument("--precision", choices=PRECISIONS, default="auto",
+                         help="auto (default): bf16 where the CPU or GPU computes it natively, else float32; "
+                              "float32 forces full precision (the summary line says which ran)")
+    segment.add_argument("--every-slice", action="store_true",
+                         help="encode every slice; by default slices between two empty probes 10 mm apart are "
+                              "left empty (structures shorter than that along the slice axis may be missed)")
     segment.set_defaults(run=_segment)
 
     evaluate = commands.add_parser("evaluate", help="Dice, IoU and HD95 of predictions against references")
@@ -190,8 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
     training_cli.add_arguments(train)
     train.set_defaults(run=training_cli.run)
 
-    demo = commands.add_parser("demo", help="segment two real images (nuclei, CT) with the shipped default adapter")
+    demo = commands.add_parser("demo", help="segment real images (glands, nuclei, CT) with the shipped default adapter")
     demo.add_argument("--output", default="ssam-demo", help="output folder (default ./ssam-demo)")
+    demo.add_argument("--data", help="folder holding glas-15/ for the gland image, which cannot be shipped "
+                                     "(default: $SSAM_TEST_DATA, else the shared data folder beside the repository)")
     demo.add_argument("--device", default="auto")
     demo.set_defaults(run=_demo)
     return parser

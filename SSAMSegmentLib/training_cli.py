@@ -69,11 +69,12 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
+    from .model.labels import split_labels
     from .training.trainer import TrainingConfig, train
 
     config = TrainingConfig(
         data=args.data, output=args.output, base=args.base, text_encoder=args.text_encoder,
-        labels=[x.strip() for x in args.labels.split(",") if x.strip()] if args.labels else None,
+        labels=split_labels(args.labels) or None,
         steps=args.steps, epochs=args.epochs, budget_minutes=args.budget, batch_size=args.batch_size,
         micro_batch=args.micro_batch, lr=args.lr, lr_singular_values=args.lr_singular_values, patience=args.patience,
         val_fraction=args.val_fraction, val_data=args.val_data, seed=args.seed, resume=args.resume, device=args.device, axis=args.axis,

@@ -2,15 +2,17 @@
 
     python benchmarks/bench_segment.py [--threads 2] [--repeats 2] [--slices 4]
 
-The product (`SSAMSegmentLib.inference.slice_inference.segment_image`: merged weights and the fast encoder copy, each label's
-text embedding looked up once per volume, one encoder pass per slice for all labels) against a naive loop written
+The product's slice loop in float32 with every slice encoded (`SSAMSegmentLib.inference.slice_inference.segment_image`:
+merged weights and the fast encoder copy, each label's text embedding looked up once per volume, one encoder pass per
+slice for all labels) against a naive loop written
 here as the S-SAM reference code works: unmerged weights (W' rebuilt on every forward), the label's text encoded on
 every slice with the text encoder, one encoder pass per label. Both run on the same `--slices` axial slices, in the
 same process, interleaved; the product also segments the whole volume. Labels come from the default adapter when it
 exists (else three fixed vectors are added as label embeddings: speed does not depend on them). Also reported: the
 encoder's GFLOP per slice (torch.utils.flop_counter) and the share of a large float32 matmul's GFLOP/s it reaches,
-both measured in this run, and the opt-in bf16 encoder (SSAM_CPU_BF16=1): its time and its masks' Dice against the
-float32 masks.
+both measured in this run, and the bf16 encoder (precision "bf16"): its time and its masks' Dice against the
+float32 masks. Every slice is encoded (no sparse probing, inference/sparse_slices.py): this is the per-slice cost; the
+whole-volume product with sparse slices is benchmarks/bench_volume.py.
 """
 
 import os
@@ -29,7 +31,7 @@ def load_model(base, labels):
     from SSAMSegmentLib.model.loading import DEFAULT_ADAPTER
 
     adapter = "default" if base == "litemedsam" and DEFAULT_ADAPTER.is_file() else None
-    model = SSAMSegmentLib.load(base=base, adapter=adapter, device="cpu")
+    model = SSAMSegmentLib.load(base=base, adapter=adapter, device="cpu", precision="float32")
     for index, label in enumerate(labels):
         if not model.labels.knows(label):
             vector = torch.randn(model.text_dim, generator=torch.Generator().manual_seed(index))
@@ -110,7 +112,7 @@ def main():
     text_encoder = load_text_encoder(model.text_encoder_id)  # loaded once, as the reference code loads CLIP once
 
     variants = {
-        "product: segment_image": lambda: segment_image(model, part, LABELS, axis="axial"),
+        "product: segment_image": lambda: segment_image(model, part, LABELS, axis="axial", probe_mm=None),
         "naive: reference-code loop": lambda: naive_segment(model, part, LABELS, text_encoder.encode),
     }
     times = common.interleaved(variants, args.repeats, warmup=0)
@@ -119,7 +121,7 @@ def main():
     count = part.GetSize()[2]
 
     start = time.perf_counter()
-    whole = segment_image(model, volume, LABELS, axis="axial")
+    whole = segment_image(model, volume, LABELS, axis="axial", probe_mm=None)
     whole_seconds = time.perf_counter() - start
     slices = volume.GetSize()[2]
 
@@ -140,17 +142,17 @@ def main():
         }, args.repeats + 1)
     peak = common.matmul_peak_gflops(args.threads)
 
-    # The opt-in bf16 encoder: time on the same slices and its masks against float32 on the whole volume.
-    def segment_with(bf16, image):
-        os.environ["SSAM_CPU_BF16"] = "1" if bf16 else "0"  # read by fast_encoder at each encoder call
-        return segment_image(model, image, LABELS, axis="axial")
+    # The bf16 encoder: time on the same slices and its masks against float32 on the whole volume.
+    def segment_with(precision, image):
+        model.set_precision(precision)
+        return segment_image(model, image, LABELS, axis="axial", probe_mm=None)
 
     try:
-        bf16_times = common.interleaved({"float32": lambda: segment_with(False, part),
-                                         "bf16": lambda: segment_with(True, part)}, args.repeats, warmup=0)
-        approximate = segment_with(True, volume)
+        bf16_times = common.interleaved({"float32": lambda: segment_with("float32", part),
+                                         "bf16": lambda: segment_with("bf16", part)}, args.repeats, warmup=0)
+        approximate = segment_with("bf16", volume)
     finally:
-        os.environ.pop("SSAM_CPU_BF16", None)
+        model.set_precision("float32")
     agreement = []
     for label in LABELS:
         exact = sitk.GetArrayFromImage(whole.masks[label]).astype(bool)
@@ -179,7 +181,7 @@ def main():
         "",
         common.table(["encoder", "s / slice", "GFLOP/s", "share of matmul peak"], encoder_rows),
         "",
-        f"Opt-in bf16 encoder (SSAM_CPU_BF16=1): "
+        f"bf16 encoder (`--precision bf16`; `auto` picks it on CPUs with native bf16): "
         f"{common.median(bf16_times['float32']) / common.median(bf16_times['bf16']):.1f}x faster per slice than "
         f"float32 here; Dice of its masks against the float32 masks on the whole volume: {'; '.join(agreement)}.",
     ])

@@ -56,7 +56,7 @@ use when no adapter is chosen, and what `ssam demo` runs.
 Labels: {', '.join(meta['labels'])}.
 
 **A demonstration model, not a clinical one.** It was trained by the project on the few real images available
-offline: 57 training slices, and its CT labels are another model's predictions. Train your own adapter on your data
+offline: {training.get('train_slices')} training slices, and its CT labels are another model's predictions. Train your own adapter on your data
 (`ssam train`, or the fine-tuning panel in Slicer) for real use.
 
 ## Training data

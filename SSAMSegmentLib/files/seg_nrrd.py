@@ -4,8 +4,8 @@ A mask set is an `OrderedDict[str, SimpleITK.Image]`: label name -> uint8 image 
 image's). The file is an NRRD in LPS space with the metadata Slicer's vtkMRMLSegmentationStorageNode reads and writes
 (`Segmentation_*` and `Segment<N>_*` keys). Segments that do not overlap share one layer (a 3D label map, value =
 the segment's LabelValue); overlapping segments go to further layers, written as a 4D NRRD with the list axis first,
-as Slicer does. A 2D mask set is written as 3D with one slice. Empty segments are kept: "this label is absent" is an
-answer. The header is written here (not by SimpleITK) so that every number is printed with full precision, plus
+as Slicer does. A 2D mask set is written as 3D with one slice. Empty segments are kept: for a taught label,
+"absent" is an answer. The header is written here (not by SimpleITK) so that every number is printed with full precision, plus
 three keys of our own that Slicer ignores (SSAMSegment_Dimension, _Spacing, _Direction): origin, spacing and
 direction, oblique included, come back bit for bit, and a 2D grid comes back 2D. A file re-saved by Slicer loses
 those keys and is read from its standard geometry (oblique spacing then off in the last bit, 2D as one slice).
@@ -23,7 +23,7 @@ import SimpleITK as sitk
 from .atomic_file import atomic_output
 from ..errors import SSAMError
 from .image_io import same_geometry
-from ..model.text_encoders import label_key
+from ..model.labels import label_key
 
 Color = Tuple[float, float, float]
 
@@ -177,7 +177,8 @@ def _number(value: float) -> str:
 
 
 def _assign_layers(arrays: List[np.ndarray]) -> List[Tuple[int, int]]:
-    """(layer, label value) per segment: each segment goes to the first layer where it overlaps nothing.
+    """(layer, label value) per segment (arrays: uint8 0/1, as mask_array gives): each segment goes to the first
+    layer where it overlaps nothing.
 
     Empty segments join layer 0. A layer holds at most 255 segments (uint8 label values).
     """
@@ -185,7 +186,7 @@ def _assign_layers(arrays: List[np.ndarray]) -> List[Tuple[int, int]]:
     counts: List[int] = []
     result = []
     for array in arrays:
-        foreground = array.astype(bool, copy=False)
+        foreground = array.view(bool)  # mask_array's 0/1 uint8: the same bytes, no copy
         has_foreground = bool(foreground.any())
         for layer in range(len(occupied)):
             if counts[layer] >= 255:
@@ -197,7 +198,10 @@ def _assign_layers(arrays: List[np.ndarray]) -> List[Tuple[int, int]]:
             counts.append(0)
             layer = len(occupied) - 1
         if has_foreground:
-            occupied[layer] = foreground.copy() if occupied[layer] is None else (occupied[layer] | foreground)
+            if occupied[layer] is None:
+                occupied[layer] = foreground.copy()
+            else:
+                occupied[layer] |= foreground  # in place: one union array per layer
         counts[layer] += 1
         result.append((layer, counts[layer]))
     return result
@@ -235,11 +239,11 @@ def write_seg_nrrd(path, masks, colors: Optional[Dict[str, Color]] = None, compr
     if layer_count == 1:
         data = np.zeros(shape_zyx, dtype=np.uint8)
         for array, (_, value) in zip(arrays, layers):
-            data[array.astype(bool, copy=False)] = value
+            data[array.view(bool)] = value
     else:
         data = np.zeros(shape_zyx + (layer_count,), dtype=np.uint8)  # list axis fastest in memory = first in NRRD
         for array, (layer, value) in zip(arrays, layers):
-            data[..., layer][array.astype(bool, copy=False)] = value
+            data[..., layer][array.view(bool)] = value
 
     directions = " ".join(
         "(" + ",".join(_number(direction[row, axis] * spacing[axis]) for row in range(3)) + ")" for axis in range(3)
@@ -292,7 +296,7 @@ def write_seg_nrrd(path, masks, colors: Optional[Dict[str, Color]] = None, compr
             handle.write(("\n".join(header) + "\n\n").encode("utf-8"))
             # NRRD's "gzip" encoding is a gzip stream of the raw voxels, fastest axis first (numpy C order here).
             with gzip.GzipFile(fileobj=handle, mode="wb", compresslevel=compression_level, mtime=0) as stream:
-                stream.write(np.ascontiguousarray(data).tobytes())
+                stream.write(memoryview(np.ascontiguousarray(data)).cast("B"))  # no bytes copy of the volume
     return Path(path)
 
 

@@ -6,6 +6,7 @@ from ..files.atomic_file import check_writable
 from ..errors import SSAMError
 from ..files.image_io import read_image, strip_image_suffix
 from .slice_inference import segment_image
+from .sparse_slices import DEFAULT_PROBE_MM
 
 
 def default_output(input_path, folder=".", suffix=".seg.nrrd") -> Path:
@@ -57,14 +58,17 @@ def dicom_source_for(input_path, output_path):
 
 
 def segment_file(model, input_path, labels, output_path=None, axis="auto", preview=None, threshold=0.5,
-                 intensity="auto", window=None, progress=None, cancel=None, output_format=None, dicom_source=None):
+                 intensity="auto", window=None, progress=None, cancel=None, output_format=None, dicom_source=None,
+                 probe_mm=DEFAULT_PROBE_MM):
     """Read `input_path`, segment `labels`, write `output_path` (.seg.nrrd, a label map, or a DICOM SEG for a DICOM
     input) and an optional PNG preview. `output_format` names the type when `output_path` is not given;
-    `dicom_source`: the input's DicomSeries when the caller already has it (found here otherwise).
+    `dicom_source`: the input's DicomSeries when the caller already has it (found here otherwise); probe_mm: see
+    sparse_slices.py, None encodes every slice.
 
     Outputs are checked before any work and written only once the whole result exists, each atomically: a bad input,
     Ctrl-C or a full disk leaves no partial file and any earlier file untouched. Returns the SegmentationResult with
-    `.outputs`, the written paths, and `.notes`, what the user should know about them (e.g. a source without UIDs).
+    `.outputs`, the written paths, and `.notes`, what the user should know (e.g. a source without UIDs), besides
+    `.warnings` (labels the model was never taught).
     """
     from ..files.writers import write_outputs
 
@@ -82,8 +86,8 @@ def segment_file(model, input_path, labels, output_path=None, axis="auto", previ
         dicom_source.check_grid(image)
         algorithm = algorithm_of(model)
     result = segment_image(model, image, labels, axis=axis, threshold=threshold, intensity=intensity, window=window,
-                           progress=progress, cancel=cancel)
+                           progress=progress, cancel=cancel, probe_mm=probe_mm)
     result.outputs = write_outputs(output_path, image, result.masks, preview_path=preview,
                                    array_axis=result.array_axis, dicom_source=dicom_source, algorithm=algorithm)
-    result.notes = list(dicom_source.notes) if dicom_source is not None else []
+    result.notes += list(dicom_source.notes) if dicom_source is not None else []
     return result

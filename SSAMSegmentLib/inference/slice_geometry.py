@@ -87,6 +87,10 @@ class SliceGeometry:
         view = _index(canonical, self.slice_axis, index)
         return view if self.slice_axis == 0 else view[::-1]
 
+    def slice_spacing(self) -> float:
+        """The distance between neighbouring slices (mm); 0 for a 2D image."""
+        return 0.0 if self.slice_axis < 0 else float(self.spacing[self.slice_axis])
+
     def in_plane_spacing(self) -> Tuple[float, float]:
         """(row, column) spacing of the slices as returned by slice_view."""
         if self.slice_axis < 0:

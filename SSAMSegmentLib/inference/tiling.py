@@ -132,13 +132,13 @@ def tiled_logits(predict: Callable[[np.ndarray], torch.Tensor], rgb: np.ndarray,
 
 def label_records(model, labels) -> list:
     """Per label of `labels`: its TileRecord in the model's adapter, or None for whole-image context."""
-    from ..model.text_encoders import label_key
+    from ..model.labels import label_key
 
     records = {label_key(name): record for name, record in getattr(model, "tile_records", {}).items()}
     return [records.get(label_key(name)) for name in labels]
 
 
-def segment_in_tiles(predict, batch, tiles, geometry, targets, logit_threshold) -> None:
+def segment_in_tiles(predict, batch, tiles, geometry, targets, logit_threshold) -> set:
     """The tiled labels of a batch of (index, rgb) slices, written into their target masks. `predict(rgb, labels)`
     gives logits (len(labels), h, w) of the label indices `labels` on an (h, w, 3) tile. Labels sharing a record
     share their tiles' encoder passes."""
@@ -146,9 +146,13 @@ def segment_in_tiles(predict, batch, tiles, geometry, targets, logit_threshold) 
     for label, record in enumerate(tiles):
         if record is not None:
             groups.setdefault(record, []).append(label)
+    found = set()
     for record, chosen in groups.items():
         for index, rgb in batch:
             logits = tiled_logits(lambda tile: predict(tile, chosen), rgb, record)
             masks = (logits > logit_threshold).to(torch.uint8).numpy()
             for label, mask in zip(chosen, masks):
                 geometry.slice_view(targets[label], index)[...] = mask
+            if masks.any():
+                found.add(index)
+    return found  # the slices on which a tiled label was found

@@ -24,7 +24,7 @@ def _metadata(model, training_summary):
         "image_size": model.image_size,
         "text_encoder": model.text_encoder_id,
         "text_dim": model.text_dim,
-        "labels": [name for name, _ in model.labels.items()],
+        "labels": [name for name, _ in model.labels.items(taught_only=True)],
         "tensors": list(model.trainable_names()),
         # labels segmented in native-resolution tiles (inference/tiling.py); absent: whole-image context for all
         "tiles": {label: record.to_json() for label, record in sorted(getattr(model, "tile_records", {}).items())},
@@ -39,7 +39,7 @@ def save_adapter(model, path, training_summary=None) -> Path:
 
     path = Path(path)
     tensors = {name: t.detach().float().cpu().contiguous() for name, t in model.trainable_state().items()}
-    items = model.labels.items()
+    items = model.labels.items(taught_only=True)  # a name only looked up while segmenting was never trained
     if items:
         tensors[LABELS_KEY] = torch.stack([vector for _, vector in items]).contiguous()
     metadata = {"ssam": json.dumps(_metadata(model, training_summary))}

@@ -38,6 +38,11 @@ class BaseSpec:
     weights: str  # "package", "download" or "random"
     weight_file: Optional[str] = None  # key in weights.WEIGHT_FILES for downloadable bases
     seed: int = 0
+    title: str = ""  # the short name people know it by (model lists); the id when empty
+
+    @property
+    def display_name(self) -> str:
+        return self.title or self.id
 
     def check_image_size(self, image_size: int) -> int:
         image_size = int(image_size)
@@ -144,6 +149,7 @@ BASES = {
             pixel_std=_UNIT_STD,
             build=partial(_tinyvit, [64, 128, 160, 320], [2, 2, 6, 2], [2, 4, 5, 10]),
             weights="package",
+            title="LiteMedSAM",
         ),
         BaseSpec(
             id="sam_vit_b",
@@ -157,6 +163,7 @@ BASES = {
             build=partial(_sam_vit, 768, 12, 12, (2, 5, 8, 11), 1024, 14),
             weights="download",
             weight_file="sam_vit_b",
+            title="SAM ViT-B",
         ),
         BaseSpec(
             id="test-vit",

@@ -1,12 +1,18 @@
 """Choosing where the model runs, and the precision it runs in there."""
 
 import contextlib
+import functools
+from pathlib import Path
 
 import torch
 
 from ..errors import SSAMError
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
+# Inference precision: "auto" picks bf16 where the hardware computes it natively (docs/design.md, section 3),
+# float32 forces full precision everywhere; the effective choice is "float32", "bf16" or "fp16".
+PRECISIONS = ("auto", "float32", "bf16")
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _mps_available() -> bool:
@@ -46,6 +52,37 @@ def select_device(device="auto") -> torch.device:
     return chosen
 
 
+@functools.lru_cache(maxsize=1)
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU computes bfloat16 products natively (x86 AVX512-BF16 or AMX), as Linux reports in
+    /proc/cpuinfo. Elsewhere (other systems, CPUs without it) False: emulated bf16 is slower than float32."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return False
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[-1].split())
+            break
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def inference_precision(precision, device: torch.device) -> str:
+    """The precision inference runs in on `device`: "float32", "bf16" or "fp16".
+
+    "auto": bf16 on CPUs with native bf16, else float32 there; bf16 on CUDA GPUs that support it, else fp16; fp16 on
+    Apple MPS. "float32" and "bf16" are taken as asked."""
+    name = str(precision or "auto").strip().lower()
+    if name not in PRECISIONS:
+        raise SSAMError(f"unknown precision '{precision}'; use one of: {', '.join(PRECISIONS)}")
+    if name != "auto":
+        return name
+    if device.type == "cpu":
+        return "bf16" if cpu_has_native_bf16() else "float32"
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}[autocast_dtype(device)]
+
+
 def autocast_dtype(device: torch.device):
     """Reduced precision on GPUs only: bf16 where the GPU supports it, else fp16. CPU stays float32."""
     if device.type == "cuda":
@@ -55,9 +92,10 @@ def autocast_dtype(device: torch.device):
     return None
 
 
-def autocast(device: torch.device, enabled: bool = True):
-    """An autocast context for GPU devices; a no-op on the CPU."""
-    dtype = autocast_dtype(device)
-    if not enabled or dtype is None:
+def autocast(device: torch.device, precision=None):
+    """An autocast context: with `precision` ("float32", "bf16", "fp16", as inference_precision gives) that precision
+    on any device; without it, training's rule: reduced precision on GPUs (autocast_dtype), none on the CPU."""
+    dtype = autocast_dtype(device) if precision is None else _AUTOCAST_DTYPES.get(precision)
+    if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)

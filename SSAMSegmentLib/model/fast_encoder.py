@@ -15,14 +15,13 @@ order of float operations differs from the plain encoder, so embeddings agree to
 SAM's ViT gets no copy: merging already leaves plain Linear layers, and nothing else measured in float32 was faster
 there (docs/benchmarks.md).
 
-Option, off by default: SSAM_CPU_BF16=1 in the environment runs the CPU encoder (either kind) under bfloat16
-autocast, measured 1.3-2.4x faster on CPUs with native bf16 (AVX512-BF16, AMX) but no longer the same masks:
-embeddings differ by about 1-5% of their range (docs/benchmarks.md has the masks' agreement on real CT). Slower on
-CPUs without bf16.
+In bf16 precision (the model's `precision`, chosen by load(); docs/design.md) the CPU encoder, either kind, runs
+under bfloat16 autocast: measured 1.3-2.4x faster on CPUs with native bf16 (AVX512-BF16, AMX), slower on CPUs without
+it, and no longer the same embeddings (about 1-5% of their range; the masks' agreement on real CT is in
+docs/benchmarks.md).
 """
 
 import copy
-import os
 from typing import Optional
 
 import torch
@@ -202,11 +201,6 @@ class FastTinyViT(nn.Module):
         return x.permute(0, 3, 1, 2).contiguous()
 
 
-def cpu_bf16_requested() -> bool:
-    """SSAM_CPU_BF16=1: the opt-in bfloat16 encoder on the CPU (faster, not the same masks)."""
-    return os.environ.get("SSAM_CPU_BF16", "").strip().lower() not in ("", "0", "false", "no")
-
-
 class _Bfloat16Autocast(nn.Module):
     """Runs an encoder under CPU bfloat16 autocast and hands back float32 embeddings, as the float32 encoder would."""
 
@@ -219,15 +213,14 @@ class _Bfloat16Autocast(nn.Module):
             return self.encoder(images).float()
 
 
-def build_fast_encoder(encoder: nn.Module, encoder_kind: str, device=None, bf16: Optional[bool] = None):
+def build_fast_encoder(encoder: nn.Module, encoder_kind: str, device=None, bf16: bool = False):
     """A frozen inference copy of a merged `encoder` computing the same embeddings faster on `device`, or None where
     there is nothing to gain: SAM's ViT in float32 (already plain Linear layers once merged) and GPUs (where the plain
-    merged encoder under autocast is what was designed for; the copy is tuned for CPU caches). bf16 (default: the
-    SSAM_CPU_BF16 environment variable) wraps it, or the merged encoder itself, in bfloat16 autocast."""
+    merged encoder under autocast is what was designed for; the copy is tuned for CPU caches). bf16 wraps it, or the
+    merged encoder itself, in bfloat16 autocast."""
     device = torch.device(device) if device is not None else next(encoder.parameters()).device
     if device.type != "cpu":
         return None
-    bf16 = cpu_bf16_requested() if bf16 is None else bf16
     fast = None
     if encoder_kind == "tinyvit":
         # Ordinary tensors even when first asked for inside torch.inference_mode(), so it also serves no_grad().
@@ -250,19 +243,19 @@ class FastEncoderSlot:
         self._encoder, self._key = None, None
 
     @staticmethod
-    def _state_key(encoder: nn.Module, encoder_kind: str, device) -> tuple:
+    def _state_key(encoder: nn.Module, encoder_kind: str, device, bf16: bool) -> tuple:
         # The state dict's tensors: weights and BatchNorm statistics, not the caches a module rebuilds on every
         # eval() (TinyViT's attention bias table), which would force a new copy per call. Tensors made inside
         # inference mode have no version counter; they cannot have been changed in place outside it.
         tensors = encoder.state_dict(keep_vars=True).values()
-        return (encoder_kind, str(device), cpu_bf16_requested()) + tuple(
+        return (encoder_kind, str(device), bool(bf16)) + tuple(
             (t.data_ptr(), 0 if t.is_inference() else t._version) for t in tensors
         )
 
-    def get(self, encoder: nn.Module, encoder_kind: str, device) -> Optional[nn.Module]:
-        key = self._state_key(encoder, encoder_kind, device)
+    def get(self, encoder: nn.Module, encoder_kind: str, device, bf16: bool = False) -> Optional[nn.Module]:
+        key = self._state_key(encoder, encoder_kind, device, bf16)
         if key != self._key:
             self._encoder, self._key = None, None  # free the old copy before building the new one
-            self._encoder = build_fast_encoder(encoder, encoder_kind, device)
+            self._encoder = build_fast_encoder(encoder, encoder_kind, device, bf16)
             self._key = key
         return self._encoder

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .bases import BaseSpec, SamParts
+from .devices import inference_precision
 from .fast_encoder import FastEncoderSlot
 from .svd_linear import tuned_layers, wrap_encoder
 from .text_affine import TextAffineLayer
@@ -48,6 +49,10 @@ class SSAM(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(spec.pixel_mean), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(spec.pixel_std), persistent=False)
         self.merged = False
+        self.singular_values_frozen = False  # norms-only tuning: a and b fixed (freeze_singular_values)
+        self.adapter_metadata = None  # the loaded adapter's header (adapter.py), None for an untrained model
+        self.adapter_path = None  # the loaded adapter's file: what a DICOM SEG names (and hashes) as the algorithm's
+        self.requested_precision = "auto"  # inference precision as asked (devices.PRECISIONS); see `precision`
         self._fast_encoder = FastEncoderSlot()  # inference-only copy of the merged encoder; not part of the model
         for parameter in self.parameters():
             parameter.requires_grad_(False)
@@ -78,7 +83,19 @@ class SSAM(nn.Module):
     def device(self) -> torch.device:
         return self.pixel_mean.device
 
-    # --- the trainable set (DESIGN section 1) ---------------------------------------------------------------------
+    @property
+    def precision(self) -> str:
+        """The precision inference runs in on the model's current device: "float32", "bf16" or "fp16"."""
+        return inference_precision(self.requested_precision, self.device)
+
+    def set_precision(self, precision="auto"):
+        """Inference precision: "auto" (bf16 where the hardware computes it natively, devices.inference_precision),
+        "float32" or "bf16". Training is not affected."""
+        inference_precision(precision, self.device)  # an unknown name fails here, not at the first slice
+        self.requested_precision = str(precision).strip().lower()
+        return self
+
+    # --- the trainable set (docs/design.md, section 1) ----------------------------------------------------------
 
     def _trainable_items(self):
         """(group, parameter) for every trained tensor: a and b of each tuned matrix; the encoder's norm layers
@@ -134,7 +151,7 @@ class SSAM(nn.Module):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        if mode and not getattr(self, "singular_values_frozen", False):
+        if mode and not self.singular_values_frozen:
             self.unmerge()
             # BatchNorm statistics stay the pretrained ones: only the BN scales and shifts are trained.
             for module in self.image_encoder.modules():
@@ -169,9 +186,10 @@ class SSAM(nn.Module):
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) preprocessed -> image embeddings (B, 256, g, g). A merged model encodes through its fast
-        inference copy (fast_encoder.py) unless gradients are being recorded."""
+        inference copy (fast_encoder.py), in the model's precision on the CPU, unless gradients are being recorded."""
         if self.merged and not torch.is_grad_enabled():
-            fast = self._fast_encoder.get(self.image_encoder, self.spec.encoder_kind, images.device)
+            fast = self._fast_encoder.get(self.image_encoder, self.spec.encoder_kind, images.device,
+                                          bf16=self.precision == "bf16")
             if fast is not None:
                 return fast(images)
         return self.image_encoder(images)

@@ -9,6 +9,7 @@ from typing import Callable, Dict, List
 import torch
 
 from . import weights as weight_files
+from .labels import label_key
 from ..errors import SSAMError
 
 
@@ -127,37 +128,48 @@ def load_text_encoder(encoder_id: str) -> TextEncoder:
     return _LOADED[encoder_id]
 
 
-def label_key(label: str) -> str:
-    """Labels match regardless of case, surrounding spaces and '_' versus ' ' ("Kidney_left" is "kidney left")."""
-    return " ".join(label.replace("_", " ").split()).lower()
-
-
 class LabelEmbeddings:
-    """The text embedding of each label name, computed once; known labels need no text encoder at all."""
+    """The text embedding of each label name, computed once; known labels need no text encoder at all.
+
+    The names given at construction or with `add` are the taught ones (an adapter's trained labels); names encoded
+    on demand by `lookup` are remembered too, but stay untaught (labels.py)."""
 
     def __init__(self, encoder_id: str, dim: int, known: Dict[str, torch.Tensor] = None):
         self.encoder_id = encoder_id
         self.dim = dim
         self._by_key: Dict[str, torch.Tensor] = {}
         self._names: Dict[str, str] = {}
+        self._taught: Dict[str, str] = {}
         for name, vector in (known or {}).items():
             self.add(name, vector)
 
-    def add(self, name: str, vector: torch.Tensor):
+    def add(self, name: str, vector: torch.Tensor, taught: bool = True):
         vector = vector.detach().float().cpu().reshape(-1)
         if vector.numel() != self.dim:
             raise ValueError(f"embedding for '{name}' has {vector.numel()} values, expected {self.dim}")
         self._by_key[label_key(name)] = vector
         self._names.setdefault(label_key(name), name)
+        if taught:
+            self._taught.setdefault(label_key(name), name)
+
+    def mark_taught(self, names: List[str]):
+        """Training taught these (already embedded) names: they are stored in its adapter as trained labels."""
+        for name in names:
+            self._taught.setdefault(label_key(name), self._names[label_key(name)])
 
     def known_names(self) -> List[str]:
         return list(self._names.values())
 
+    def taught_names(self) -> List[str]:
+        """The labels the model was trained on, in their trained spelling."""
+        return list(self._taught.values())
+
     def knows(self, name: str) -> bool:
         return label_key(name) in self._by_key
 
-    def items(self):
-        return [(self._names[key], vector) for key, vector in self._by_key.items()]
+    def items(self, taught_only: bool = False):
+        return [(self._names[key], vector) for key, vector in self._by_key.items()
+                if not taught_only or key in self._taught]
 
     def lookup(self, labels: List[str]) -> torch.Tensor:
         """Embeddings (len(labels), dim); labels not seen before are encoded once with the text encoder."""
@@ -174,5 +186,5 @@ class LabelEmbeddings:
                     f"and the text encoder is unavailable: {error}"
                 ) from None
             for label, vector in zip(new, encoder.encode(new)):
-                self.add(label, vector)
+                self.add(label, vector, taught=False)
         return torch.stack([self._by_key[label_key(label)] for label in labels])

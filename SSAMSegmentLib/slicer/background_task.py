@@ -55,6 +55,7 @@ class BackgroundTask:
         self.result: Optional[dict] = None
         self.error: Optional[str] = None
         self.cancelled = False
+        self.context: dict = {}  # what the caller keeps with the job (Slicer: the input image and grid it was cut from)
         self._offset = 0
         self._pending = b""
         self._cancel_time: Optional[float] = None
@@ -207,14 +208,16 @@ def _new_folder() -> Path:
 
 
 def start_segmentation(image, labels: Sequence[str], adapter="default", base=None, text_encoder=None,
-                       device="auto", axis="auto", threshold=0.5, python=None, env=None) -> BackgroundTask:
+                       device="auto", axis="auto", threshold=0.5, precision="auto", python=None,
+                       env=None) -> BackgroundTask:
     """Segment a SimpleITK image in a child process; read the result with `segmentation_masks(task)`."""
     import SimpleITK as sitk
 
     folder = _new_folder()
     sitk.WriteImage(image, str(folder / "input.nrrd"), False)
     job = {"image": "input.nrrd", "labels": list(labels), "adapter": None if adapter is None else str(adapter),
-           "base": base, "text_encoder": text_encoder, "device": device, "axis": axis, "threshold": threshold}
+           "base": base, "text_encoder": text_encoder, "device": device, "axis": axis, "threshold": threshold,
+           "precision": precision}
     return BackgroundTask("segmentation", job, folder, python, env)
 
 
@@ -317,7 +320,8 @@ def _segmentation_job(job: dict, folder: Path, events: _Events, cancel) -> dict:
 
     events.emit("progress", fraction=0.0, message="loading the model")
     model = SSAMSegmentLib.load(base=job.get("base"), adapter=job.get("adapter"), text_encoder=job.get("text_encoder"),
-                                device=job.get("device") or "auto", merge=True)
+                                device=job.get("device") or "auto", merge=True,
+                                precision=job.get("precision") or "auto")
     if cancel.is_set():
         raise Cancelled("segmentation cancelled; nothing was written")
     image = read_image(folder / job["image"])
@@ -331,8 +335,9 @@ def _segmentation_job(job: dict, folder: Path, events: _Events, cancel) -> dict:
         name = f"masks/mask{index:03d}.nrrd"
         sitk.WriteImage(mask, str(folder / name), True)
         listed.append([label, name])
-    summary = result.summary() if hasattr(result, "summary") else ""
-    return {"masks": listed, "empty_labels": list(result.empty_labels), "summary": summary}
+    return {"masks": listed, "empty_labels": list(result.empty_labels), "untaught_labels": result.untaught_labels,
+            "label_status": {name: match.describe() for name, match in result.label_status.items()},
+            "notes": list(result.notes), "warnings": list(result.warnings), "summary": result.summary()}
 
 
 def _training_job(job: dict, folder: Path, events: _Events, cancel) -> dict:

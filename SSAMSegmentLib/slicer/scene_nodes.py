@@ -134,7 +134,7 @@ def _segment_names(segmentation) -> List[Tuple[str, str]]:
 
 def find_segment(segmentation, name: str) -> Optional[str]:
     """ID of the segment whose name is `name` up to case, spaces and underscores; None when there is none."""
-    from ..model.text_encoders import label_key
+    from ..model.labels import label_key
 
     for segment_id, segment_name in _segment_names(segmentation):
         if label_key(segment_name) == label_key(name):
@@ -144,7 +144,7 @@ def find_segment(segmentation, name: str) -> Optional[str]:
 
 def unique_segment_name(name: str, taken: Sequence[str]) -> str:
     """`name` when free, else 'name 2', 'name 3'... (never overwrites an existing segment)."""
-    from ..model.text_encoders import label_key
+    from ..model.labels import label_key
 
     keys = {label_key(t) for t in taken}
     if label_key(name) not in keys:
@@ -405,7 +405,7 @@ def training_case(volume_node, segmentation_node, labels: Optional[Sequence[str]
 
     With `labels`, only segments with those names (matched like labels: case and '_' insensitive) are used.
     """
-    from ..model.text_encoders import label_key
+    from ..model.labels import label_key
 
     names = _segment_names(segmentation_node.GetSegmentation())
     if labels:

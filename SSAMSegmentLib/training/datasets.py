@@ -43,7 +43,7 @@ import SimpleITK as sitk
 
 from ..errors import SSAMError
 from ..files.image_io import check_image, has_image_suffix, is_truncated, same_geometry, strip_image_suffix
-from ..model.text_encoders import label_key
+from ..model.labels import label_key
 
 LAYOUTS = ("nnunet", "folder2d", "segnrrd", "dicomseg", "memory", "combined")
 MAX_LISTED_PROBLEMS = 20
@@ -75,12 +75,27 @@ class Case:
     found when the dataset was checked, so a trainer can balance positives and negatives without reading."""
 
     def __init__(self, case_id: str, image_path: Optional[Path], label_names: Sequence[str], read: MaskReader,
-                 present_labels=()):
+                 present_labels=(), annotated=None, source: str = ""):
         self.case_id = case_id
         self.image_path = image_path
         self.label_names = list(label_names)
         self.present_labels = frozenset(present_labels)
+        # The labels this case's own dataset annotates (validation scores only those); None: all of label_names.
+        self.annotated = None if annotated is None else frozenset(annotated)
+        self.source = source  # the dataset a case of a combined set came from ("" otherwise)
         self._read = read
+
+    def use_label_names(self, label_names: Sequence[str], names_by_key) -> None:
+        """List `label_names` and read the masks under their spelling (label_key -> name): another dataset's names
+        for the same labels."""
+        read = self._read
+
+        def read_renamed():
+            image, masks = read()
+            return image, {names_by_key.get(label_key(name), name): mask for name, mask in masks.items()}
+
+        self._read = read_renamed
+        self.label_names = list(label_names)
 
     def load(self) -> Tuple[sitk.Image, "OrderedDict[str, np.ndarray]"]:
         """(image, masks): masks has every dataset label in order, uint8 0/1 shaped like the image's voxel grid
@@ -964,9 +979,8 @@ def combine_datasets(datasets: Sequence[Dataset]) -> Dataset:
                 return image, {names[label_key(name)]: mask for name, mask in masks.items()}
 
             combined = Case(f"{prefix}/{case.case_id}", case.image_path, union, read,
-                            {names[label_key(n)] for n in case.present_labels})
-            combined.annotated = frozenset(names[label_key(n)] for n in dataset.label_names)
-            combined.source = prefix
+                            {names[label_key(n)] for n in case.present_labels},
+                            annotated={names[label_key(n)] for n in dataset.label_names}, source=prefix)
             cases.append(combined)
         notes += [f"{prefix}: {note}" for note in dataset.notes]
         kinds += dataset.image_kinds

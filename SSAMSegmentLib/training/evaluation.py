@@ -39,7 +39,7 @@ from .datasets import _label_values, _LabelSpec, _parse_label_mapping
 from ..errors import SSAMError
 from ..files.image_io import has_image_suffix, read_image, same_geometry, strip_image_suffix
 from ..files.seg_nrrd import check_masks, mask_array, read_seg_nrrd
-from ..model.text_encoders import label_key
+from ..model.labels import label_key
 from ..files.writers import sidecar_path
 
 METRICS = ("dice", "dice_classic", "iou", "hd95_mm")

@@ -62,7 +62,7 @@ def _resize(rgb: np.ndarray, label_masks: Sequence[np.ndarray], image_size: int,
     image[:, :h, :w] = resized[0].round().clamp(0, 255).to(torch.uint8)
     stacked = torch.from_numpy(np.stack([np.ascontiguousarray(m) for m in label_masks]).astype(np.float32))[None]
     masks = torch.zeros(len(label_masks), image_size, image_size, dtype=torch.uint8)
-    # Masks are resized like the image, then thresholded at 0.5 (DESIGN section 1).
+    # Masks are resized like the image, then thresholded at 0.5 (docs/design.md, section 1).
     masks[:, :h, :w] = (F.interpolate(stacked, size=(h, w), mode="bilinear", align_corners=False)[0] > 0.5)
     return image.numpy(), masks.numpy(), (h, w)
 
@@ -89,7 +89,7 @@ def build_slice_bank(cases, label_names, image_size: int, axis: str = "auto", pr
             raise Cancelled("training cancelled while preparing slices; nothing was written")
         image, case_masks = case.load()
         case_masks = {name: case_masks[name] for name in label_names}
-        annotated = getattr(case, "annotated", None)
+        annotated = case.annotated
         case_scored = [annotated is None or name in annotated for name in label_names]
         record = tile_record_of(case) if tile_record_of else None
         for whole_rgb, whole_masks, spacing in _case_slices(image, case_masks, axis):

@@ -35,7 +35,7 @@ from .schedule import (PROBE_STEPS, WarmupCosine, apply_learning_rates, is_valid
                        steps_within_budget, validations_left)
 from .slice_bank import SliceBank, build_slice_bank
 from .tile_plan import case_record, plan_tiles
-from ..model.text_encoders import label_key
+from ..model.labels import label_key
 
 
 @dataclasses.dataclass
@@ -385,27 +385,19 @@ def _prepare_data(config):
             raise SSAMError(f"the validation data has none of the training labels ({', '.join(dataset.label_names)})")
         val_cases = list(val.cases)
         for case in val_cases:
-            own = getattr(case, "annotated", None) or val.label_names
+            own = case.annotated or val.label_names
             case.annotated = frozenset(trained[label_key(n)] for n in own if label_key(n) in trained)
-            case._read = _renamed(case._read, trained)
-            case.label_names = list(dataset.label_names)
+            case.use_label_names(dataset.label_names, trained)
         return dataset, list(dataset.cases), val_cases
     groups = {}
     for case in dataset.cases:
-        groups.setdefault(getattr(case, "source", ""), []).append(case)
+        groups.setdefault(case.source, []).append(case)
     train_cases, val_cases = [], []
     for cases in groups.values():
         t, v = split_cases(cases, config.val_fraction, config.seed)
         train_cases += t
         val_cases += v
     return dataset, train_cases, val_cases
-
-
-def _renamed(read, names_by_key):
-    def read_with_training_names():
-        image, masks = read()
-        return image, {names_by_key.get(label_key(n), n): m for n, m in masks.items()}
-    return read_with_training_names
 
 
 def _check_options(config):
@@ -472,6 +464,7 @@ def train(config: TrainingConfig, progress: Optional[Callable[[TrainingProgress]
     if batch_size < world:
         raise SSAMError(f"batch size {batch_size} is smaller than the {world} training processes")
     text = model.text_embeddings(labels)  # encoded once; stored in the adapter
+    model.labels.mark_taught(labels)
     if config.tune == "norms":
         model.freeze_singular_values()
 

@@ -174,3 +174,32 @@ def test_dicom_seg_for_the_dicom_inputs_when_asked(data_dir, tiny_adapter, tmp_p
     assert seg.Modality == "SEG" and [str(s.SegmentLabel) for s in seg.SegmentSequence] == ["liver"]
     source = DicomSeries.of_input(data_dir / "dcmqi-ct-3slice")
     assert referenced_instances(tmp_path / "out" / "chest_dicom.dcm") == set(source.sop_instance_uids)
+
+
+@pytest.mark.data
+def test_untaught_labels_are_never_called_absent_and_the_warning_is_given_once(data_dir, tmp_path):
+    """Two real pictures, an adapter taught "organ" only: "Organs" is read as organ, "tumour" is untaught."""
+    from SSAMSegmentLib.model import labels
+
+    from helpers import perturbed_model
+
+    adapter = perturbed_model(labels=("organ",), seed=5).save_adapter(tmp_path / "organ.adapter.safetensors")
+    folder = tmp_path / "cases"
+    folder.mkdir()
+    for source in sorted((data_dir / "kvasir-seg-5" / "images").iterdir())[:2]:
+        (folder / source.name).symlink_to(source)
+    run = run_batch("--input", folder, "--label", "Organs, tumour", "--output", tmp_path / "out", "--adapter", adapter,
+                    "--device", "cpu")
+    assert run.returncode == 0, run.stdout + run.stderr
+    lines = run.stdout.splitlines()
+    matches = labels.match_labels(["Organs", "tumour"], ["organ"])
+    expected = [f"       note: {labels.mapping_note(matches)}", f"       warning: {labels.untaught_warning(matches, ['organ'])}"]
+    assert [line for line in lines if line.startswith("       ")] == expected  # once, not once per case
+    summaries = [line.split("): ", 1)[1] for line in lines if line.startswith("OK     ")]
+    assert len(summaries) == 2
+    for summary in summaries:  # tumour is either found as a guess or not found; never absent
+        assert "tumour (" in summary and "untaught label: a guess" in summary or (
+            f"{labels.EMPTY_UNTAUGHT}: tumour" in summary)
+        assert "tumour" not in "".join(part for part in summary.split("; ") if part.startswith(labels.EMPTY_TAUGHT))
+    for written in (tmp_path / "out").iterdir():
+        assert list(read_seg_nrrd(written)[0]) == ["organ", "tumour"]

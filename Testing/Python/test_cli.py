@@ -14,6 +14,7 @@ import SimpleITK as sitk
 
 from conftest import REPO
 from helpers import perturbed_model
+from SSAMSegmentLib.model import labels
 
 ENV = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
 
@@ -58,11 +59,12 @@ def _read_with_slicer(path):
 def test_segment_writes_a_segmentation_slicer_opens(adapter, tmp_path):
     image = _volume(tmp_path / "ct.nii.gz", direction=(0.96, 0.28, 0, -0.28, 0.96, 0, 0, 0, 1))
     out = tmp_path / "result" / "ct.seg.nrrd"
-    run = ssam("segment", tmp_path / "ct.nii.gz", "--label", "organ", "--label", "vessel", "--adapter", adapter,
+    run = ssam("segment", tmp_path / "ct.nii.gz", "--label", "organ", "--label", "Vessels", "--adapter", adapter,
                "--output", out, "--preview", tmp_path / "result" / "ct.png")
     assert run.returncode == 0, run.stderr
     assert f"wrote {out}" in run.stdout and "ct.png" in run.stdout
-    assert _read_with_slicer(out) == ["organ", "vessel"]
+    assert _read_with_slicer(out) == ["organ", "vessel"]  # a plural is segmented as the trained label, and said so
+    assert f"note: {labels.mapping_note(labels.match_labels(['Vessels'], ['vessel']))}" in run.stdout.splitlines()
     from SSAMSegmentLib.files.seg_nrrd import read_seg_nrrd
     from SSAMSegmentLib.files.image_io import same_geometry
 
@@ -72,15 +74,25 @@ def test_segment_writes_a_segmentation_slicer_opens(adapter, tmp_path):
     assert "slices" in run.stdout and "axial" in run.stdout
 
 
-def test_segment_to_a_label_map_and_absent_labels(adapter, tmp_path):
+def test_segment_to_a_label_map_absent_and_untaught_labels(adapter, tmp_path):
     _volume(tmp_path / "ct.nrrd")
     out = tmp_path / "ct_labels.nii.gz"
-    run = ssam("segment", tmp_path / "ct.nrrd", "--label", "organ", "--adapter", adapter, "--output", out,
-               "--threshold", "0.999999")
+    run = ssam("segment", tmp_path / "ct.nrrd", "--label", "organ,tumour", "--adapter", adapter, "--output", out,
+               "--threshold", "0.999999", "--precision", "float32")
     assert run.returncode == 0, run.stderr
-    assert "absent (empty mask): organ" in run.stdout  # an absent label is a valid answer, said plainly
-    labels = sitk.ReadImage(str(out))
-    assert labels.GetSize() == (40, 48, 8)
+    # An empty taught label is a valid answer, said plainly; an untaught one is never called absent, and the user is
+    # told why and how to fix it (wording: test_labels.py).
+    assert f"; {labels.EMPTY_TAUGHT}: organ; {labels.EMPTY_UNTAUGHT}: tumour [" in run.stdout
+    matches = labels.match_labels(["organ", "tumour"], ["organ", "vessel"])
+    said = [line for line in run.stderr.splitlines() if line.startswith("ssam segment:")]  # not the progress lines
+    assert said == [f"ssam segment: warning: {labels.untaught_warning(matches, ['organ', 'vessel'])}"]
+    assert "float32" in run.stdout  # the precision that ran is said
+    # Nothing found on the probes: only they were encoded (the summary says how many).
+    assert "slices (" in run.stdout and "encoded)" in run.stdout
+    bad = ssam("segment", tmp_path / "ct.nrrd", "--label", "organ", "--adapter", adapter, "--output",
+               tmp_path / "other.nii.gz", "--precision", "fp8")
+    assert bad.returncode == 2 and not (tmp_path / "other.nii.gz").exists()
+    assert sitk.ReadImage(str(out)).GetSize() == (40, 48, 8)
     assert (tmp_path / "ct_labels.json").is_file()
 
 

@@ -634,3 +634,24 @@ def test_totalsegmentator_ct_as_nnunet(data_dir, tmp_path):
         np.testing.assert_array_equal(masks[name], labelmap == value)
         assert masks[name].any()
     assert not masks["esophagus"].any()  # not in this scan: a negative sample
+
+
+def test_combined_cases_declare_their_source_and_annotated_labels_and_take_other_spellings():
+    from SSAMSegmentLib.training.datasets import combine_datasets
+
+    image = sitk.GetImageFromArray(np.arange(64, dtype=np.int16).reshape(8, 8))
+    liver = np.zeros((8, 8), np.uint8)
+    liver[2:5, 2:5] = 1
+    ct = memory_dataset([("a", image, {"Liver": liver})])
+    polyp = memory_dataset([("b", image, {"polyp": 1 - liver})])
+    assert ct.cases[0].annotated is None and ct.cases[0].source == ""
+    combined = combine_datasets([ct, polyp])
+    first, second = combined.cases
+    assert (first.source, second.source) == ("memory0", "memory1")
+    assert first.annotated == {"Liver"} and second.annotated == {"polyp"}
+    assert not second.load()[1]["Liver"].any(), "no liver in the polyp case: a negative sample"
+    # Validation data spelling a label differently reads its masks under the training spelling.
+    case = memory_dataset([("c", image, {"liver": liver})]).cases[0]
+    case.use_label_names(["Liver", "polyp"], {"liver": "Liver"})
+    _, masks = case.load()
+    assert list(masks) == ["Liver", "polyp"] and np.array_equal(masks["Liver"], liver) and not masks["polyp"].any()

@@ -7,6 +7,7 @@ import SimpleITK as sitk
 import torch
 
 import SSAMSegmentLib
+from SSAMSegmentLib.errors import SSAMError
 from SSAMSegmentLib.model.fast_encoder import FastTinyViT, build_fast_encoder
 from SSAMSegmentLib.inference.slice_inference import segment_image
 
@@ -38,7 +39,7 @@ def _plain_merged_embeddings(model, images):
 
 
 def test_fast_copy_matches_the_plain_merged_encoder():
-    model = SSAMSegmentLib.load(base="test-tinyvit", device="cpu", merge=True)
+    model = SSAMSegmentLib.load(base="test-tinyvit", device="cpu", merge=True, precision="float32")
     images = _ct_like_slices(2)
     with torch.inference_mode():
         fast = model.encode_images(images)
@@ -56,7 +57,7 @@ def test_fast_copy_matches_the_plain_merged_encoder():
 def test_piece_sizes_do_not_change_the_embeddings(pieces):
     """Bands, MLP chunks and attention chunks are independent pieces: tiny ones (many pieces, partial last ones) and
     whole-stage ones give the default sizes' embeddings, so the sizes are a speed setting only."""
-    model = SSAMSegmentLib.load(base="test-tinyvit", device="cpu", merge=True)
+    model = SSAMSegmentLib.load(base="test-tinyvit", device="cpu", merge=True, precision="float32")
     fast = build_fast_encoder(model.image_encoder, "tinyvit", "cpu")
     images = _ct_like_slices(2)
     with torch.no_grad():
@@ -66,7 +67,7 @@ def test_piece_sizes_do_not_change_the_embeddings(pieces):
 
 
 def test_batchnorm_is_folded_and_no_svd_factor_is_copied():
-    model = SSAMSegmentLib.load(base="test-tinyvit", device="cpu", merge=True)
+    model = SSAMSegmentLib.load(base="test-tinyvit", device="cpu", merge=True, precision="float32")
     fast = build_fast_encoder(model.image_encoder, "tinyvit", "cpu")
     modules = list(fast.modules())
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in modules)
@@ -77,7 +78,7 @@ def test_batchnorm_is_folded_and_no_svd_factor_is_copied():
 
 
 def test_fast_copy_is_not_part_of_the_model_state():
-    model = SSAMSegmentLib.load(base="test-tinyvit", device="cpu")
+    model = SSAMSegmentLib.load(base="test-tinyvit", device="cpu", precision="float32")
     keys, counts = list(model.state_dict()), model.parameter_counts()
     model.merge()
     with torch.inference_mode():
@@ -94,7 +95,7 @@ def test_fast_copy_is_not_part_of_the_model_state():
 
 
 def test_unmerged_or_gradient_recording_calls_use_the_plain_encoder():
-    model = SSAMSegmentLib.load(base="test-tinyvit", device="cpu")
+    model = SSAMSegmentLib.load(base="test-tinyvit", device="cpu", precision="float32")
     images = _ct_like_slices(1)
     with torch.no_grad():
         model.encode_images(images)
@@ -108,9 +109,9 @@ def test_unmerged_or_gradient_recording_calls_use_the_plain_encoder():
 
 def test_fast_copy_follows_new_weights_and_training_resumes_after_merge():
     torch.manual_seed(0)
-    model = SSAMSegmentLib.load(base="test-tinyvit", device="cpu")
+    model = SSAMSegmentLib.load(base="test-tinyvit", device="cpu", precision="float32")
     torch.manual_seed(0)
-    never_merged = SSAMSegmentLib.load(base="test-tinyvit", device="cpu")
+    never_merged = SSAMSegmentLib.load(base="test-tinyvit", device="cpu", precision="float32")
     images = _ct_like_slices(2)
     labels = ["liver", "bone"]
     for name in labels:
@@ -153,7 +154,7 @@ def test_fast_copy_follows_new_weights_and_training_resumes_after_merge():
 
 
 def test_vit_encoders_keep_their_merged_layers():
-    model = SSAMSegmentLib.load(base="test-vit", device="cpu", merge=True)
+    model = SSAMSegmentLib.load(base="test-vit", device="cpu", merge=True, precision="float32")
     assert build_fast_encoder(model.image_encoder, "vit", "cpu") is None
     images = torch.randn(1, 3, 64, 64)
     with torch.inference_mode():
@@ -161,20 +162,32 @@ def test_vit_encoders_keep_their_merged_layers():
 
 
 @pytest.mark.parametrize("base, size", [("test-tinyvit", 256), ("test-vit", 64)])
-def test_bf16_option_is_opt_in_and_close(base, size, monkeypatch):
-    model = SSAMSegmentLib.load(base=base, device="cpu", merge=True)
+def test_bf16_precision_is_an_argument_and_close(base, size):
+    model = SSAMSegmentLib.load(base=base, device="cpu", merge=True, precision="float32")
     images = _ct_like_slices(1, size)
     with torch.inference_mode():
         exact = model.encode_images(images)
-        monkeypatch.setenv("SSAM_CPU_BF16", "1")
-        approximate = model.encode_images(images)
-        assert type(model._fast_encoder._encoder).__name__ == "_Bfloat16Autocast"
-        monkeypatch.setenv("SSAM_CPU_BF16", "0")
-        again = model.encode_images(images)
+        approximate = model.set_precision("bf16").encode_images(images)
+        assert model.precision == "bf16" and type(model._fast_encoder._encoder).__name__ == "_Bfloat16Autocast"
+        again = model.set_precision("float32").encode_images(images)
     assert approximate.dtype == torch.float32
     assert not torch.equal(approximate, exact), "bf16 ran"
     assert (approximate - exact).abs().max() < 0.1 * exact.abs().max()
     torch.testing.assert_close(again, exact, rtol=0, atol=0)
+
+
+def test_auto_precision_follows_the_cpu(monkeypatch):
+    from SSAMSegmentLib.model import devices
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: True)
+    assert devices.inference_precision("auto", cpu) == "bf16"
+    assert devices.inference_precision("float32", cpu) == "float32"
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: False)
+    assert devices.inference_precision("auto", cpu) == "float32"
+    assert devices.inference_precision("bf16", cpu) == "bf16"  # asked for: honoured even where it is emulated
+    with pytest.raises(SSAMError, match="unknown precision 'fp8'"):
+        SSAMSegmentLib.load(base="test-vit", device="cpu", precision="fp8")
 
 
 @pytest.mark.slow
@@ -182,7 +195,7 @@ def test_bf16_option_is_opt_in_and_close(base, size, monkeypatch):
 def test_litemedsam_same_masks_on_real_ct(data_dir, monkeypatch):
     """Real weights, real CT, the default adapter's labels: the product's segmentation with the fast copy against the
     plain merged encoder, slice by slice, on the same model."""
-    model = SSAMSegmentLib.load(base="litemedsam", adapter="default", device="cpu", merge=True)
+    model = SSAMSegmentLib.load(base="litemedsam", adapter="default", device="cpu", merge=True, precision="float32")
     ct = sitk.ReadImage(str(data_dir / "totalsegmentator-ct" / "example_ct_sm.nii.gz"))
     part = ct[:, :, 12:16]  # four axial slices through liver, spleen and kidneys
     labels = ["liver", "spleen", "kidney"]

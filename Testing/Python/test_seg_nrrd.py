@@ -49,7 +49,7 @@ def lps_centroid(mask: sitk.Image):
 
 # ---------------------------------------------------------------------------------------------- slicer-core side
 class SlicerScene:
-    """A headless MRML scene set up as DESIGN.md section 5 says (application logic, segmentations logic)."""
+    """A headless MRML scene set up as docs/design.md section 5 says (application logic, segmentations logic)."""
 
     def __init__(self):
         self.scene = slicer.vtkMRMLScene()

@@ -562,6 +562,7 @@ def test_highdicom_is_not_installed_over_slicers_own_pydicom(monkeypatch):
 
 def test_label_text_and_adapter_names(tmp_path, monkeypatch):
     assert Logic.parseLabels(" liver, spleen;; kidney left\n") == ["liver", "spleen", "kidney left"]
+    assert Logic.parseLabels("Liver, liver") == ["Liver"]  # the command line's rules (labels.py)
     assert Logic.parseLabels("") == []
     monkeypatch.setenv("SSAM_CACHE_DIR", str(tmp_path))
     logic = Logic()
@@ -590,9 +591,59 @@ def test_weights_needed_follow_the_adapter(tmp_path, monkeypatch):
     monkeypatch.setattr(Logic, "adapterInfo", lambda self, a: {"base": "sam_vit_b", "text_encoder": "clip-vit-b-32",
                                                                "labels": ["liver"]})
     assert logic.weightsNeeded("x", ["Liver"]) == ["sam_vit_b"]
+    assert logic.weightsNeeded("x", ["livers"]) == ["sam_vit_b"]  # mapped to the trained label: no text encoder
     assert logic.weightsNeeded("x", ["liver", "spleen"]) == ["sam_vit_b", "clip-vit-b-32"]
+    assert Logic.baseWeights("sam_vit_b") == ["sam_vit_b"] and Logic.baseWeights("litemedsam") == []
+    assert [Logic.baseWeights(base) for base in Logic.TRAINING_BASES] == [[], ["sam_vit_b"]]
     monkeypatch.setenv("SSAM_CACHE_DIR", str(tmp_path))
     assert [w.id for w in Logic.missingWeights(["sam_vit_b"])] == ["sam_vit_b"]
+
+
+@pytest.fixture(scope="module")
+def organ_adapter(tmp_path_factory):
+    """A tiny random-weight adapter taught one label, "organ"."""
+    from helpers import perturbed_model
+
+    path = tmp_path_factory.mktemp("organ") / "organ.adapter.safetensors"
+    return perturbed_model(labels=("organ",), seed=5).save_adapter(path)
+
+
+def test_logic_reports_mapped_and_untaught_labels(scene, organ_adapter):
+    """In Slicer's process: the result says per label how the adapter knew it, the status line never calls an
+    untaught label's empty segment absent, and gives the warning with its fix."""
+    from SSAMSegmentLib.model import labels
+
+    volume = phantom(scene)
+    segmentation, ids, result = Logic().segment(volume, ["Organs", "tumour"], adapter=organ_adapter, device="cpu")
+    assert list(ids) == ["organ", "tumour"] and segment_names(segmentation) == ["organ", "tumour"]
+    assert [(m.requested, m.status) for m in result.label_status.values()] == [("Organs", labels.MAPPED),
+                                                                              ("tumour", labels.UNTAUGHT)]
+    matches = list(result.label_status.values())
+    note, warning = labels.mapping_note(matches), labels.untaught_warning(matches, ["organ"])
+    assert (result.notes, result.warnings) == ([note], [warning])
+    message = Logic.segmentationMessage(["organ", "tumour"], "Seg", ["organ", "tumour"], result.untaught_labels,
+                                        result.notes, result.warnings)
+    assert message == ("Added organ, tumour to Seg. Absent (empty mask): organ. Not found (untaught label): tumour. "
+                       f"Note: {note}. Warning: {warning}.")
+    assert Logic.segmentationMessage(["organ"], "Seg", [], [], [], []) == "Added organ to Seg."
+
+
+def test_background_job_reports_untaught_labels(tmp_path, organ_adapter):
+    """What the panel's status line is made of comes back from the background process."""
+    from SSAMSegmentLib.model import labels
+
+    rng = np.random.default_rng(1)
+    sitk.WriteImage(sitk.GetImageFromArray(rng.normal(50, 20, (2, 40, 44)).astype(np.float32)),
+                    str(tmp_path / "input.nrrd"))
+    job = {"image": "input.nrrd", "labels": ["organ", "gland"], "adapter": str(organ_adapter), "device": "cpu",
+           "threshold": 0.999999}
+    events = type("Events", (), {"emit": lambda self, *a, **k: None})()
+    done = background_task._segmentation_job(job, tmp_path, events, type("Never", (), {"is_set": lambda s: False})())
+    assert done["empty_labels"] == ["organ", "gland"] and done["untaught_labels"] == ["gland"]
+    assert done["label_status"] == {"organ": labels.TAUGHT, "gland": labels.UNTAUGHT}
+    assert f"{labels.EMPTY_UNTAUGHT}: gland" in done["summary"] and f"{labels.EMPTY_TAUGHT}: organ" in done["summary"]
+    assert done["notes"] == []
+    assert done["warnings"] == [labels.untaught_warning(labels.match_labels(["gland"], ["organ"]), ["organ"])]
 
 
 def test_training_config_checks_the_folder(tmp_path):
@@ -666,7 +717,7 @@ def test_nothing_is_written_when_the_scene_changed_during_the_run(scene):
 
     logic = Logic()
     volume = phantom(scene)
-    started = types.SimpleNamespace(inputGrid=slicer_nodes.volume_grid(volume))
+    started = types.SimpleNamespace(context={"grid": slicer_nodes.volume_grid(volume)})
     volume.SetSpacing(2.0, 2.0, 2.0)
     with pytest.raises(SSAMError, match="was changed or removed while it was being segmented"):
         logic.finishSegmentation(started, volume)

@@ -65,7 +65,7 @@ def test_vit_encoder_equals_segment_anything_at_init(image_size):
     parts, _ = build_base("test-vit")
     assert isinstance(parts.image_encoder, ImageEncoderViT)
     state = {f"{n}.{k}": v.clone() for n, m in parts._asdict().items() for k, v in m.state_dict().items()}
-    model = SSAMSegmentLib.load(base="test-vit", image_size=image_size)
+    model = SSAMSegmentLib.load(base="test-vit", image_size=image_size, precision="float32")
     plain = _plain_vit_encoder(spec, state, image_size)
     x = torch.randn(2, 3, image_size, image_size)
     with torch.no_grad():
@@ -77,7 +77,7 @@ def test_vit_encoder_equals_segment_anything_at_init(image_size):
 
 def test_litemedsam_encoder_equals_pretrained_at_init():
     plain, _ = build_base("litemedsam")
-    model = SSAMSegmentLib.load(base="litemedsam")
+    model = SSAMSegmentLib.load(base="litemedsam", precision="float32")
     assert len(model.tuned_layer_names) == 69
     x = torch.rand(1, 3, 256, 256)
     with torch.no_grad():
@@ -89,7 +89,7 @@ def test_litemedsam_encoder_equals_pretrained_at_init():
 
 
 def test_merged_and_unmerged_give_same_masks_and_training_resumes():
-    model = SSAMSegmentLib.load(base="test-tinyvit")
+    model = SSAMSegmentLib.load(base="test-tinyvit", precision="float32")
     model.labels.add("gland", torch.linspace(-1, 1, model.text_dim))
     _perturb_trainables(model)
     x = torch.rand(2, 3, 256, 256) * 2 - 1

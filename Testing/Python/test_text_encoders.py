@@ -10,7 +10,7 @@ from SSAMSegmentLib import SSAMError
 from SSAMSegmentLib.model import text_encoders
 
 from SSAMSegmentLib.model import weights
-from SSAMSegmentLib.model.text_encoders import LabelEmbeddings, label_key, load_text_encoder
+from SSAMSegmentLib.model.text_encoders import LabelEmbeddings, load_text_encoder
 
 
 def test_minilm_is_offline_deterministic_and_semantic():
@@ -33,10 +33,6 @@ def test_label_embeddings_are_computed_once(monkeypatch):
     second = cache.lookup(["Liver", "SPLEEN"])
     assert calls == [["spleen", "liver"]]
     torch.testing.assert_close(second, first[[1, 0]])
-
-
-def test_label_key_normalises_case_and_underscores():
-    assert label_key("  Kidney_Left ") == label_key("kidney left") == "kidney left"
 
 
 def test_clip_without_weights_fails_fast_naming_the_file():

@@ -1,0 +1,91 @@
+"""The shipped default adapter loads, and its model card (Resources/Models/ssam-default.md, written by
+scripts/write_model_card.py) says what the adapter's own metadata says: labels, base, training data, validation Dice.
+
+Nothing here names today's labels or numbers: the adapter is retrained and replaced, and the card must follow it."""
+
+import re
+
+import pytest
+
+import SSAMSegmentLib
+from SSAMSegmentLib.model.adapter import read_metadata
+from SSAMSegmentLib.model.loading import DEFAULT_ADAPTER
+
+CARD = DEFAULT_ADAPTER.parent / "ssam-default.md"
+
+
+@pytest.fixture(scope="module")
+def metadata():
+    return read_metadata(DEFAULT_ADAPTER)
+
+
+@pytest.fixture(scope="module")
+def card():
+    return CARD.read_text()
+
+
+def _section(card, title):
+    """The text of the card's '## title' section."""
+    match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", card, re.S | re.M)
+    assert match, f"the model card has no '## {title}' section"
+    return match.group(1)
+
+
+def _table(text):
+    """The rows (lists of cells) of the first markdown table in `text`, header and rule left out."""
+    rows = [line for line in text.splitlines() if line.startswith("|")]
+    return [[cell.strip() for cell in row.strip("|").split("|")] for row in rows[2:]]
+
+
+def _dice(cell):
+    return None if cell == "-" else float(cell)
+
+
+def _rounded(value):
+    return None if value is None else round(float(value), 3)
+
+
+def test_the_shipped_adapter_loads_with_its_labels_taught(metadata):
+    model = SSAMSegmentLib.load(adapter="default", device="cpu")
+    assert model.labels.taught_names() == metadata["labels"] and metadata["labels"]
+    assert model.spec.id == metadata["base"] and model.text_encoder_id == metadata["text_encoder"]
+    assert model.base_sha256 == metadata["base_sha256"]
+
+
+def test_card_names_the_adapter_base_and_labels(metadata, card):
+    assert f"`{DEFAULT_ADAPTER.name}`" in card
+    assert f"**{metadata['base']}** base" in card and f"`{metadata['base_sha256']}`" in card
+    assert f"**{metadata['text_encoder']}** text encoder" in card
+    assert f"{len(metadata['tensors'])} tensors" in card
+    listed = re.search(r"^Labels: (.*)\.$", card, re.M)
+    assert listed and listed.group(1).split(", ") == metadata["labels"]
+
+
+def test_card_validation_dice_is_the_metadata_dice(metadata, card):
+    training = metadata["training"]
+    rows = _table(_section(card, "Validation Dice (unseen cases)"))
+    assert [row[0] for row in rows] == metadata["labels"]
+    for label, dice, classic in rows:
+        assert _dice(dice) == _rounded(training["val_dice_per_label"].get(label)), label
+        assert _dice(classic) == _rounded(training.get("val_dice_classic_per_label", {}).get(label)), label
+    mean = re.search(r"Mean Dice: ([\d.]+) after epoch (\d+) \(step (\d+)\)", card)
+    assert mean, "the card gives no mean validation Dice"
+    assert (float(mean.group(1)), int(mean.group(2)), int(mean.group(3))) == (
+        _rounded(training["val_dice"]), training["epochs"], training["steps"])
+
+
+def test_card_training_data_is_the_metadata_data(metadata, card):
+    """Every dataset the adapter trained or validated on is a row of the card's data table, marked as what it was,
+    and the table lists no other dataset; the slice count is the adapter's."""
+    training = metadata["training"]
+    trained = {case.split("/")[0] for case in training["train_cases"]}
+    validated = {case.split("/")[0] for case in training["val_cases"]}
+    assert trained and validated and not trained & validated  # validation cases are never trained on
+    rows = _table(_section(card, "Training data"))
+    in_card = {"train": set(), "validation": set()}
+    for row in rows:
+        name, _, note = row[0].partition(" (")
+        in_card["validation" if note.startswith("validation") else "train"].add(name.strip())
+    assert in_card == {"train": trained, "validation": validated}
+    slices = re.search(r"(\d+) training slices", card)
+    assert slices and int(slices.group(1)) == training["train_slices"]

@@ -124,6 +124,6 @@ def test_a_few_default_recipe_steps_on_real_polyps_improve_loss_and_validation_d
     loss_6, dice_6 = loss_and_dice(SSAMSegmentLib.load(adapter=result.adapter_path, device="cpu"))
     print(f"polyp: training loss {loss_0:.4f} -> {loss_6:.4f}, held-out Dice {dice_0:.3f} -> {dice_6:.3f}")
     assert loss_6 < loss_0 * 0.9, (loss_0, loss_6)
-    # Measured once (2026-12-02, 2-core CPU): loss 4.785 -> 1.557, Dice 0.000 -> 0.010. Six steps lift the Dice
+    # Measured twice (2026-12-02, 2-core CPU): loss 4.785 -> 1.557/1.563, Dice 0.000 -> 0.010/0.008. Six steps lift Dice
     # only just off zero: this asserts the direction, not a useful polyp model.
     assert dice_6 > dice_0, (dice_0, dice_6)

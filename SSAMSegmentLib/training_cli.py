@@ -63,6 +63,10 @@ def add_arguments(parser):
     parser.add_argument("--tune", choices=("ssam", "norms"), default="ssam",
                         help="ssam: singular values + norms (S-SAM); norms: without the singular values (ablation)")
     parser.add_argument("--no-augment", action="store_true", help="no intensity and small geometric jitter")
+    parser.add_argument("--tiles", choices=("auto", "off"), default="auto",
+                        help="auto: labels whose structures would be a few pixels across in the whole image at the "
+                             "model's input train and segment in native-resolution tiles (stored in the adapter); "
+                             "off: whole images always")
     parser.add_argument("--keep-largest", action="append", metavar="LABEL",
                         help="a label that is one connected organ (e.g. liver): segmenting keeps only its largest 3D "
                              "component; repeat for several")
@@ -87,9 +91,8 @@ def run(args) -> int:
         steps=args.steps, epochs=args.epochs, budget_minutes=args.budget, batch_size=args.batch_size,
         micro_batch=args.micro_batch, lr=args.lr, lr_singular_values=args.lr_singular_values, patience=args.patience,
         val_fraction=args.val_fraction, val_data=args.val_data, seed=args.seed, resume=args.resume, device=args.device, axis=args.axis,
-        balanced=args.balanced, augment=not args.no_augment, tune=args.tune, image_size=args.image_size,
-        keep_largest=args.keep_largest,
-        overwrite=args.overwrite,
+        balanced=args.balanced, augment=not args.no_augment, tiles=args.tiles, tune=args.tune,
+        image_size=args.image_size, keep_largest=args.keep_largest, overwrite=args.overwrite,
     )
     metrics, curves = report_paths(args.output)
     config.check().check_outputs(also=(metrics, curves))  # before the data is read or the model loaded

@@ -49,7 +49,7 @@ def encoder_rows(base_id, repeats, threads):
     import SSAMSegmentLib
 
     weights = "auto" if base_id == "litemedsam" else "none"
-    model = SSAMSegmentLib.load(base=base_id, weights=weights, device="cpu", merge=True)
+    model = SSAMSegmentLib.load(base=base_id, weights=weights, device="cpu", merge=True, precision="float32")
     plain = _plain_encoder(base_id, weights, model.image_size)
     x = _images(model.image_size)  # 256 for both real bases
 
@@ -66,11 +66,11 @@ def encoder_rows(base_id, repeats, threads):
     difference = {}
     variants = {
         "plain pretrained encoder (baseline)": lambda: plain(x),
-        "S-SAM merged, as segment runs it": lambda: model.encode_images(x),
+        "S-SAM merged, float32 (segment --precision float32)": lambda: model.encode_images(x),
         "S-SAM merged, its own layers": lambda: model.image_encoder(x),
         "S-SAM unmerged, W' rebuilt every forward (reference code)": unmerged(True),
         "S-SAM unmerged, rebuilt or factored per layer (training path)": unmerged(False),
-        "S-SAM merged under bf16 autocast (option, not default)": bf16,
+        "S-SAM merged under bf16 autocast (the default on CPUs with native bf16)": bf16,
     }
     onnx = _onnx_runtime_session(model, x) if base_id == "litemedsam" else None
     if onnx is not None:
@@ -81,8 +81,8 @@ def encoder_rows(base_id, repeats, threads):
         if onnx is not None:
             difference[name] = (onnx(x) - reference).abs().max().item()
         difference.update({
-            "S-SAM merged, as segment runs it": (model.encode_images(x) - reference).abs().max().item(),
-            "S-SAM merged under bf16 autocast (option, not default)": (bf16().float() - reference).abs().max().item(),
+            "S-SAM merged, float32 (segment --precision float32)": (model.encode_images(x) - reference).abs().max().item(),
+            "S-SAM merged under bf16 autocast (the default on CPUs with native bf16)": (bf16().float() - reference).abs().max().item(),
         })
         scale = reference.abs().max().item()
         times = common.interleaved(variants, repeats)
@@ -221,7 +221,7 @@ def main():
     except ImportError:
         onnx_note = ""
     body = [
-        "Encoder time per 256x256 slice (batch 1), CPU. The product's path is `S-SAM merged, as segment runs it` ("
+        "Encoder time per 256x256 slice (batch 1), CPU. The product's float32 path is `S-SAM merged, float32 (segment --precision float32)` ("
         + ", ".join(f"{base}: {kind}" for base, kind in fast_kinds.items()) + "). Goal: merged within 5% of the "
         "plain pretrained encoder." + onnx_note,
         "",

@@ -24,6 +24,7 @@ from ..model.devices import autocast
 from ..errors import Cancelled, SSAMError
 from ..files.image_io import check_image
 from .intensity import choose_mapping, has_signal
+from . import tiling
 from .preprocessing import logits_to_slice, to_model_input
 from .slice_geometry import SliceGeometry
 from ..model import labels
@@ -184,6 +185,7 @@ def slice_logits(model, image: sitk.Image, requested, axis: str = "auto", intens
     device, precision = model.device, model.precision
     tokens = model.prompt_tokens(model.text_embeddings(names))  # (N, 1, 256), once per image
     batch_size = batch_size or default_batch_size(device)
+    tiles = tiling.label_records(model, names)  # per label: None (whole image) or its TileRecord from the adapter
 
     source = geometry.canonical(sitk.GetArrayViewFromImage(image))
     outputs = [new_logit_volume(geometry.shape) for _ in names]  # int8 logits, later the masks in place
@@ -205,7 +207,7 @@ def slice_logits(model, image: sitk.Image, requested, axis: str = "auto", intens
                         without_signal += 1
                 if batch:
                     schedule.found.update(_segment_batch(model, batch, tokens, geometry, targets, quality, spacing,
-                                                         logit_threshold, precision))
+                                                         logit_threshold, precision, tiles))
                 if progress:
                     done = len(schedule.encoded) - len(indices) + min(first + batch_size, len(indices))
                     progress(done / total, f"slice {done}/{total}")
@@ -266,12 +268,14 @@ def _copy_geometry(mask: sitk.Image, image: sitk.Image):
     mask.SetDirection(image.GetDirection())
 
 
-def _segment_batch(model, batch, tokens, geometry, targets, quality, spacing, logit_threshold, precision):
-    height, width = batch[0][1].shape[:2]
+def _slice_logits(model, rgbs, tokens, spacing, precision):
+    """Logits (B, N, H, W) of N labels on B slices (H, W, 3) of one size, on the slices' own grid, and the decoder's
+    predicted IoU (B, N)."""
+    height, width = rgbs[0].shape[:2]
     device = model.device
-    pixels = torch.from_numpy(np.stack([rgb for _, rgb in batch])).permute(0, 3, 1, 2).to(device)
+    pixels = torch.from_numpy(np.stack(rgbs)).permute(0, 3, 1, 2).to(device)
     inputs, content = to_model_input(pixels, model.image_size, model.pixel_mean, model.pixel_std, spacing)
-    count, labels = len(batch), tokens.shape[0]
+    count, labels = len(rgbs), tokens.shape[0]
     # On a CPU only the encoder runs in bf16 (its fast copy wraps itself, fast_encoder.py), as measured in
     # docs/benchmarks.md; the decoder, a small share of the time, stays float32.
     with autocast(device, precision if device.type != "cpu" else "float32"):
@@ -280,11 +284,27 @@ def _segment_batch(model, batch, tokens, geometry, targets, quality, spacing, lo
         logits, iou = model.decode(embeddings.repeat_interleave(labels, dim=0), tokens.repeat(count, 1, 1),
                                    with_quality=True)
     logits = logits_to_slice(logits, model.image_size, content, (height, width))
-    found = (logits[:, 0] > logit_threshold).reshape(count, labels, -1).any(-1).any(-1).cpu().numpy()
-    stored = quantize_logits(logits[:, 0]).reshape(count, labels, height, width)
     iou = iou.float().cpu().numpy().reshape(count, labels)
-    for (index, _), per_label, scores in zip(batch, stored, iou):
-        quality[:, index] = scores
-        for target, logit_slice in zip(targets, per_label):
-            geometry.slice_view(target, index)[...] = logit_slice
-    return [index for (index, _), hit in zip(batch, found) if hit]  # the slices on which some label was found
+    return logits[:, 0].reshape(count, labels, height, width), iou
+
+
+def _segment_batch(model, batch, tokens, geometry, targets, quality, spacing, logit_threshold, precision, tiles=None):
+    """Decode a batch of slices into the labels' int8 logit volumes (and their predicted IoU); returns the slices on
+    which some label was found."""
+    found = set()
+    whole = [i for i, record in enumerate(tiles or [None] * tokens.shape[0]) if record is None]
+    if whole:
+        logits, iou = _slice_logits(model, [rgb for _, rgb in batch], tokens[whole], spacing, precision)
+        hits = (logits > logit_threshold).flatten(1).any(1).cpu().numpy()
+        stored = quantize_logits(logits)
+        for (index, _), per_label, scores, hit in zip(batch, stored, iou, hits):
+            for label, logit_slice, score in zip(whole, per_label, scores):
+                geometry.slice_view(targets[label], index)[...] = logit_slice
+                quality[label, index] = score
+            if hit:
+                found.add(index)
+    if len(whole) < tokens.shape[0]:  # labels the adapter segments in tiles (tiling.py); no IoU for a blend
+        found.update(tiling.segment_in_tiles(
+            lambda rgb, chosen: _slice_logits(model, [rgb], tokens[chosen], spacing, precision)[0][0],
+            batch, tiles, geometry, targets, logit_threshold))
+    return sorted(found)

@@ -28,6 +28,8 @@ def _metadata(model, training_summary):
         "tensors": list(model.trainable_names()),
         # labels whose mask is one connected organ: volume_context.py keeps only their largest 3D component
         "keep_largest": list(model.keep_largest),
+        # labels segmented in native-resolution tiles (inference/tiling.py); absent: whole-image context for all
+        "tiles": {label: record.to_json() for label, record in sorted(getattr(model, "tile_records", {}).items())},
         "training": training_summary or {},
     }
 
@@ -154,6 +156,9 @@ def load_adapter(model, path) -> dict:
     model.labels = type(model.labels)(model.text_encoder_id, model.text_dim, dict(zip(labels, embeddings)))
     if model.merged:
         model.merge()
+    from ..inference.tiling import records_from_metadata
+
+    model.tile_records = records_from_metadata(metadata)
     model.adapter_metadata = metadata
     model.keep_largest = [str(name) for name in metadata.get("keep_largest", [])]
     model.adapter_path = Path(path)  # what a DICOM SEG names (and hashes) as the algorithm's adapter

@@ -73,6 +73,9 @@ def load(base=None, adapter=None, text_encoder=None, device="auto", image_size=N
     inference_precision(precision, target)  # a bad name fails before the weights are read
     parts, digest = build_base(base, weights=weights, checkpoint=checkpoint)
     model = SSAM(spec, parts, image_size, text_spec.id, text_spec.dim, digest)
+    model.adapter_metadata = None
+    model.tile_records = {}  # label -> inference.tiling.TileRecord, from the adapter or set by training
+    model.adapter_path = None
     if adapter_path:
         model.load_adapter(adapter_path)
     model.to(target)

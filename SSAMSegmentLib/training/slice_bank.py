@@ -19,6 +19,7 @@ from ..errors import Cancelled
 from ..inference.intensity import choose_mapping, has_signal
 from ..inference.preprocessing import resize_to_model
 from ..inference.slice_geometry import SliceGeometry
+from ..inference.tiling import blend_weights
 
 IN_MEMORY_LIMIT = 2 << 30  # bytes of slices kept in RAM before the bank moves to memory-mapped files
 
@@ -66,9 +67,20 @@ def _resize(rgb: np.ndarray, label_masks: Sequence[np.ndarray], image_size: int,
     return image.numpy(), masks.numpy(), (h, w)
 
 
+def _crops(rgb, label_masks, record):
+    """The slice itself, or with a TileRecord its native-resolution tiles as inference cuts them (tiling.py); the
+    geometric augmentation then moves and zooms within each."""
+    if record is None:
+        yield rgb, label_masks
+        return
+    for rows, cols, _ in blend_weights(rgb.shape[0], rgb.shape[1], record):
+        yield rgb[rows, cols], [mask[rows, cols] for mask in label_masks]
+
+
 def build_slice_bank(cases, label_names, image_size: int, axis: str = "auto", progress=None, cancel=None,
-                     spill_dir: Optional[str] = None) -> SliceBank:
-    """Cut every case into slices (one case in memory at a time); `progress(fraction, message)` per case."""
+                     spill_dir: Optional[str] = None, tile_record_of=None) -> SliceBank:
+    """Cut every case into slices (one case in memory at a time); `progress(fraction, message)` per case.
+    `tile_record_of(case)`: a TileRecord to cut that case's slices into native-resolution tiles, or None."""
     images, masks, contents, owners, scored = [], [], [], [], []
     per_slice = (3 + len(label_names)) * image_size * image_size
     store = None
@@ -79,18 +91,20 @@ def build_slice_bank(cases, label_names, image_size: int, axis: str = "auto", pr
         case_masks = {name: case_masks[name] for name in label_names}
         annotated = case.annotated
         case_scored = [annotated is None or name in annotated for name in label_names]
-        for rgb, label_masks, spacing in _case_slices(image, case_masks, axis):
-            resized_image, resized_masks, content = _resize(rgb, label_masks, image_size, spacing)
-            images.append(resized_image)
-            masks.append(resized_masks)
-            contents.append(content)
-            owners.append(number)
-            scored.append(case_scored)
-            if store is None and len(images) * per_slice > IN_MEMORY_LIMIT:
-                store = _SpillStore(spill_dir, len(label_names), image_size)
-            if store is not None:
-                store.extend(images, masks)
-                images, masks = [], []
+        record = tile_record_of(case) if tile_record_of else None
+        for whole_rgb, whole_masks, spacing in _case_slices(image, case_masks, axis):
+            for rgb, label_masks in _crops(whole_rgb, whole_masks, record):
+                resized_image, resized_masks, content = _resize(rgb, label_masks, image_size, spacing)
+                images.append(resized_image)
+                masks.append(resized_masks)
+                contents.append(content)
+                owners.append(number)
+                scored.append(case_scored)
+                if store is None and len(images) * per_slice > IN_MEMORY_LIMIT:
+                    store = _SpillStore(spill_dir, len(label_names), image_size)
+                if store is not None:
+                    store.extend(images, masks)
+                    images, masks = [], []
         if progress:
             progress((number + 1) / max(len(cases), 1), f"prepared case {case.case_id}")
     if store is not None:

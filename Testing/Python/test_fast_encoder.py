@@ -202,7 +202,7 @@ def test_litemedsam_same_masks_on_real_ct(data_dir, monkeypatch):
 
     fast = segment_image(model, part, labels, axis="axial")
     assert isinstance(model._fast_encoder._encoder, FastTinyViT)
-    monkeypatch.setattr(model._fast_encoder, "get", lambda *args: None)
+    monkeypatch.setattr(model._fast_encoder, "get", lambda *args, **kwargs: None)
     plain = segment_image(model, part, labels, axis="axial")
 
     total = 0

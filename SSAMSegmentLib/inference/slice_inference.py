@@ -275,17 +275,17 @@ def _slice_logits(model, rgbs, tokens, spacing, precision):
     device = model.device
     pixels = torch.from_numpy(np.stack(rgbs)).permute(0, 3, 1, 2).to(device)
     inputs, content = to_model_input(pixels, model.image_size, model.pixel_mean, model.pixel_std, spacing)
-    count, labels = len(rgbs), tokens.shape[0]
+    count, label_count = len(rgbs), tokens.shape[0]
     # On a CPU only the encoder runs in bf16 (its fast copy wraps itself, fast_encoder.py), as measured in
     # docs/benchmarks.md; the decoder, a small share of the time, stays float32.
     with autocast(device, precision if device.type != "cpu" else "float32"):
         embeddings = model.encode_images(inputs)
         # Every label of a slice shares that slice's embedding: (B*N) decoder inputs, no re-encoding.
-        logits, iou = model.decode(embeddings.repeat_interleave(labels, dim=0), tokens.repeat(count, 1, 1),
+        logits, iou = model.decode(embeddings.repeat_interleave(label_count, dim=0), tokens.repeat(count, 1, 1),
                                    with_quality=True)
     logits = logits_to_slice(logits, model.image_size, content, (height, width))
-    iou = iou.float().cpu().numpy().reshape(count, labels)
-    return logits[:, 0].reshape(count, labels, height, width), iou
+    iou = iou.float().cpu().numpy().reshape(count, label_count)
+    return logits[:, 0].reshape(count, label_count, height, width), iou
 
 
 def _segment_batch(model, batch, tokens, geometry, targets, quality, spacing, logit_threshold, precision, tiles=None):

@@ -60,13 +60,30 @@ def steps_within_budget(budget_seconds: float, elapsed_seconds: float, steps_don
     return steps_done + max(0, math.floor(left / seconds_per_step))
 
 
+LABEL_PROGRESS = 0.01  # a label's validation Dice this much above its own best counts as progress
+
+
 def stale_validations(history: Sequence[dict], warmup: int) -> int:
-    """How many validations after warm-up have come since the best validation Dice (0 when the last was the best)."""
+    """How many validations after warm-up have come since the last that made progress (0 when the last did).
+    Progress: a better mean validation Dice, or one label above its own best by LABEL_PROGRESS: with several labels
+    the mean can stall while one label still learns (the mixed default-adapter run stopped on the mean while polyp
+    and nucleus were rising; docs/fine_tuning.md)."""
     scored = [(index, record) for index, record in enumerate(history) if record.get("val_dice") is not None]
     if not scored:
         return 0
-    best_index = max(scored, key=lambda item: (item[1]["val_dice"], -item[0]))[0]
-    return sum(1 for index, record in scored if index > best_index and record["step"] > warmup)
+    best_mean, best_label, last_progress = None, {}, scored[0][0]
+    for index, record in scored:
+        progress = best_mean is None or record["val_dice"] > best_mean
+        for label, dice in (record.get("val_dice_per_label") or {}).items():
+            if dice is None:
+                continue
+            if label in best_label and dice >= best_label[label] + LABEL_PROGRESS:
+                progress = True
+            best_label[label] = max(dice, best_label.get(label, dice))
+        if progress:
+            last_progress = index
+        best_mean = record["val_dice"] if best_mean is None else max(best_mean, record["val_dice"])
+    return sum(1 for index, record in scored if index > last_progress and record["step"] > warmup)
 
 
 def should_stop_early(history: Sequence[dict], warmup: int, patience: Optional[int]) -> bool:

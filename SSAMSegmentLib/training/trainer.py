@@ -212,12 +212,13 @@ def _epoch_order(count: int, seed: int, epoch: int, weights: Optional[np.ndarray
 
 
 def _balance_weights(bank: SliceBank) -> np.ndarray:
-    """Slice weights so that every label is present on about as many sampled slices as it is absent from."""
-    present = bank.present.astype(np.float64)
-    positives = present.sum(0).clip(min=1)
-    negatives = (1 - present).sum(0).clip(min=1)
-    per_label = present / positives + (1 - present) / negatives
-    return per_label.mean(1)
+    """Slice weights so that every label is present on about as many sampled slices as it is absent from (counting
+    only the slices whose dataset annotates it)."""
+    scored = bank.scored.astype(np.float64)
+    present = bank.present.astype(np.float64) * scored
+    absent = scored - present
+    per_label = present / present.sum(0).clip(min=1) + absent / absent.sum(0).clip(min=1)
+    return per_label.sum(1) / scored.sum(1).clip(min=1)
 
 
 def _augment_intensity(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -249,7 +250,7 @@ def _augment_geometry(inputs: torch.Tensor, masks: torch.Tensor, generator: torc
 
 
 def _batch_tensors(model, bank: SliceBank, indices, augment_generator=None):
-    """Normalised inputs (B, 3, S, S) and targets (B, L, S, S) for bank rows `indices`."""
+    """Normalised inputs (B, 3, S, S) and targets (B, L, S, S) for bank rows `indices` (sorted)."""
     indices = np.sort(np.asarray(indices))  # memory-mapped banks read faster in order
     images = torch.from_numpy(np.asarray(bank.images[indices])).float()
     masks = torch.from_numpy(np.asarray(bank.masks[indices])).float()
@@ -276,8 +277,9 @@ def _logits_for(network, inputs, text, label_count):
     return logits.view(count, label_count, *inputs.shape[-2:])
 
 
-def _accumulate_gradients(network, inputs, targets, text, device, scaler, micro_batch):
-    """Backpropagate the batch's mean loss in micro-batches of `micro_batch` slices; returns the loss.
+def _accumulate_gradients(network, inputs, targets, text, device, scaler, micro_batch, annotated=None):
+    """Backpropagate the batch's mean loss in micro-batches of `micro_batch` slices; returns the loss. `annotated`
+    (B, L) bool: the (slice, label) pairs whose dataset annotates the label; the others are not trained (losses.py).
 
     The gradient is the same as for the whole batch at once (the loss is a mean over samples and the model has no
     batch statistics: BatchNorm is frozen, the TAL uses LayerNorm), but on a CPU one slice at a time keeps TinyViT's
@@ -293,7 +295,8 @@ def _accumulate_gradients(network, inputs, targets, text, device, scaler, micro_
             with autocast(device):
                 logits = _logits_for(network, inputs[first:first + micro_batch].to(device), text, len(text))
             share = logits.shape[0] / count
-            loss = ssam_loss(logits, targets[first:first + micro_batch].to(device)) * share
+            weight = None if annotated is None else annotated[first:first + micro_batch].to(device)
+            loss = ssam_loss(logits, targets[first:first + micro_batch].to(device), weight) * share
             scaler.scale(loss).backward()
         total += loss.item()
     return total
@@ -638,7 +641,8 @@ def train(config: TrainingConfig, progress: Optional[Callable[[TrainingProgress]
             inputs, targets = _batch_tensors(model, train_bank, rows, generator if config.augment else None)
             apply_learning_rates(optimizer, schedule, step)
             optimizer.zero_grad(set_to_none=True)
-            loss = _accumulate_gradients(network, inputs, targets, text, device, scaler, micro_batch)
+            annotated = torch.from_numpy(train_bank.scored[np.sort(rows)])  # the row order of _batch_tensors
+            loss = _accumulate_gradients(network, inputs, targets, text, device, scaler, micro_batch, annotated)
             scaler.step(optimizer)
             scaler.update()
             losses.append(loss)

@@ -285,6 +285,39 @@ def test_balanced_sampling_weights_rare_labels():
     assert np.allclose(weights[1:], weights[1])
 
 
+def test_labels_a_dataset_does_not_annotate_are_not_trained():
+    """Two datasets: nuclei tiles (label "nucleus" only) and gland images (label "gland" only). The loss of a gland
+    image must not depend on its "nucleus" logits (its nuclei are not marked), nor sampling count them as absent."""
+    from SSAMSegmentLib.training.losses import ssam_loss
+    from SSAMSegmentLib.training.slice_bank import SliceBank
+
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 2, 8, 8, generator=generator, requires_grad=True)
+    target = (torch.rand(2, 2, 8, 8, generator=generator) > 0.5).float()
+    annotated = torch.tensor([[True, False], [False, True]])  # slice 0 annotates label 0 only, slice 1 label 1 only
+    ssam_loss(logits, target, annotated).backward()
+    assert logits.grad[0, 1].abs().max() == 0 and logits.grad[1, 0].abs().max() == 0
+    assert logits.grad[0, 0].abs().max() > 0 and logits.grad[1, 1].abs().max() > 0
+    changed = target.clone()
+    changed[0, 1], changed[1, 0] = 1 - changed[0, 1], 1 - changed[1, 0]
+    assert torch.equal(ssam_loss(logits, changed, annotated), ssam_loss(logits, target, annotated))
+    assert not torch.equal(ssam_loss(logits, changed), ssam_loss(logits, target))  # without the mask it would differ
+    full = torch.ones(2, 2, dtype=torch.bool)
+    torch.testing.assert_close(ssam_loss(logits, target, full), ssam_loss(logits, target))
+
+    masks = np.zeros((6, 2, 4, 4), np.uint8)
+    masks[:3, 0, 0, 0] = 1  # slices 0-2: nuclei dataset, nucleus on each
+    masks[3, 1, 0, 0] = 1  # slices 3-5: gland dataset, gland on one
+    scored = np.array([[True, False]] * 3 + [[False, True]] * 3)
+    bank = SliceBank(np.zeros((6, 3, 4, 4), np.uint8), masks, np.full((6, 2), 4), np.zeros(6, int), ["x"],
+                     ["nucleus", "gland"], scored)
+    weights = _balance_weights(bank)
+    # gland: present on 1 of its 3 annotated slices, so that slice weighs as much as the other two together; the
+    # nuclei slices are not "gland absent" examples.
+    assert np.isclose(weights[3], weights[4] + weights[5])
+    assert np.allclose(weights[:3], weights[0])
+
+
 def test_bad_dataset_fails_before_training(tmp_path):
     root = write_disk_dataset(tmp_path / "bad", count=3)
     (root / "masks" / "c1.png").unlink()

@@ -87,6 +87,17 @@ def test_early_stopping_counts_non_improving_validations_after_warmup():
     assert stale_validations([{"step": 1, "val_dice": None}], warmup=0) == 0  # no validation set: nothing to judge
 
 
+def test_early_stopping_waits_while_one_label_still_improves():
+    def record(step, mean, **labels):
+        return {"step": step, "val_dice": mean, "val_dice_per_label": labels}
+    rising = [record(10, 0.40, liver=0.70, polyp=0.10), record(20, 0.38, liver=0.60, polyp=0.16),
+              record(30, 0.37, liver=0.52, polyp=0.22), record(40, 0.36, liver=0.45, polyp=0.27)]
+    assert stale_validations(rising, warmup=0) == 0  # the mean fell three times, but polyp kept rising
+    flat = rising + [record(50, 0.35, liver=0.44, polyp=0.275), record(60, 0.34, liver=0.43, polyp=0.27)]
+    assert stale_validations(flat, warmup=0) == 2  # +0.005 is not progress
+    assert should_stop_early(flat, warmup=0, patience=2) and not should_stop_early(flat, warmup=0, patience=3)
+
+
 def test_cuda_trains_a_larger_batch_than_the_cpu():
     assert recipe.batch_size_for("cpu") == 4 and recipe.batch_size_for("mps") == 4
     assert recipe.batch_size_for("cpu", world=8) == 8  # every process needs a slice

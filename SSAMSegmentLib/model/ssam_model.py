@@ -234,15 +234,20 @@ class SSAM(nn.Module):
         )
         return (logits, quality[:, 0]) if with_quality else logits
 
-    def forward(self, images: torch.Tensor, labels: Union[Sequence[str], torch.Tensor], every_label: bool = False):
+    def forward(self, images: torch.Tensor, labels: Union[Sequence[str], torch.Tensor], every_label=False):
         """images (B, 3, S, S) preprocessed -> low-res logits over the padded S x S input.
 
         labels: B names (or text embeddings (B, dim)), one per image -> (B, 1, h, w); with every_label=True, L labels
-        applied to every image, each image encoded once -> (B * L, 1, h, w), image-major.
+        applied to every image, each image encoded once -> (B * L, 1, h, w), image-major. every_label may instead be
+        a (B, L) bool tensor: only the pairs it marks are decoded, image-major (training skips the labels a slice's
+        dataset does not annotate: each decoded label costs about a tenth of the slice's encoder pass).
         """
         text = labels if isinstance(labels, torch.Tensor) else self.text_embeddings(labels)
         embeddings = self.encode_images(images)
         tokens = self.prompt_tokens(text)
+        if isinstance(every_label, torch.Tensor):
+            image_index, label_index = every_label.nonzero(as_tuple=True)
+            return self.decode(embeddings[image_index.to(embeddings.device)], tokens[label_index.to(tokens.device)])
         if every_label:
             count = images.shape[0]
             return self.decode(embeddings.repeat_interleave(text.shape[0], 0), tokens.repeat(count, 1, 1))

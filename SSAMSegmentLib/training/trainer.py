@@ -268,13 +268,21 @@ def _batch_tensors(model, bank: SliceBank, indices, augment_generator=None):
     return inputs, masks
 
 
-def _logits_for(network, inputs, text, label_count):
+def _logits_for(network, inputs, text, label_count, annotated=None):
     """Logits of every (slice, label) pair, upsampled to the input size: (B, L, S, S). `network` is the model or
-    its DistributedDataParallel wrapper (whose gradient synchronisation needs the call to go through forward)."""
+    its DistributedDataParallel wrapper (whose gradient synchronisation needs the call to go through forward).
+    `annotated` (B, L) bool: decode only those pairs; the others are 0 (not trained, not scored)."""
     count = inputs.shape[0]
-    logits = network(inputs, text, every_label=True)
-    logits = F.interpolate(logits.float(), size=inputs.shape[-2:], mode="bilinear", align_corners=False)
-    return logits.view(count, label_count, *inputs.shape[-2:])
+    if annotated is None or bool(annotated.all()):
+        logits = network(inputs, text, every_label=True)
+        logits = F.interpolate(logits.float(), size=inputs.shape[-2:], mode="bilinear", align_corners=False)
+        return logits.view(count, label_count, *inputs.shape[-2:])
+    annotated = annotated.to(torch.bool)
+    decoded = network(inputs, text, every_label=annotated)
+    decoded = F.interpolate(decoded.float(), size=inputs.shape[-2:], mode="bilinear", align_corners=False)
+    logits = decoded.new_zeros(count, label_count, *inputs.shape[-2:])
+    logits[annotated.to(decoded.device)] = decoded[:, 0]
+    return logits
 
 
 def _accumulate_gradients(network, inputs, targets, text, device, scaler, micro_batch, annotated=None):
@@ -292,10 +300,10 @@ def _accumulate_gradients(network, inputs, targets, text, device, scaler, micro_
         last = first + micro_batch >= count
         sync = contextlib.nullcontext() if last or not hasattr(network, "no_sync") else network.no_sync()
         with sync:
-            with autocast(device):
-                logits = _logits_for(network, inputs[first:first + micro_batch].to(device), text, len(text))
-            share = logits.shape[0] / count
             weight = None if annotated is None else annotated[first:first + micro_batch].to(device)
+            with autocast(device):
+                logits = _logits_for(network, inputs[first:first + micro_batch].to(device), text, len(text), weight)
+            share = logits.shape[0] / count
             loss = ssam_loss(logits, targets[first:first + micro_batch].to(device), weight) * share
             scaler.scale(loss).backward()
         total += loss.item()
@@ -322,7 +330,7 @@ def validate(model, bank: SliceBank, text, device, batch_size=4, cancel=None):
             rows = np.arange(first, min(first + batch_size, len(bank)))
             inputs, masks = _batch_tensors(model, bank, rows)
             with autocast(device):
-                logits = _logits_for(model, inputs.to(device), text, len(labels))
+                logits = _logits_for(model, inputs.to(device), text, len(labels), torch.from_numpy(bank.scored[rows]))
             predicted = (logits > 0).cpu()
             for row, (h, w) in zip(rows, bank.content[rows]):
                 for label in range(len(labels)):

@@ -318,6 +318,21 @@ def test_labels_a_dataset_does_not_annotate_are_not_trained():
     assert np.allclose(weights[:3], weights[0])
 
 
+def test_only_annotated_pairs_are_decoded_and_they_match_the_full_decode():
+    from SSAMSegmentLib.training.trainer import _logits_for
+
+    model = SSAMSegmentLib.load(base="test-vit", image_size=64)
+    model.eval()
+    inputs = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    text = model.text_embeddings(["liver", "polyp", "gland"])
+    annotated = torch.tensor([[True, False, False], [False, True, True], [True, True, True]])
+    with torch.no_grad():
+        full = _logits_for(model, inputs, text, 3)
+        some = _logits_for(model, inputs, text, 3, annotated)
+    torch.testing.assert_close(some[annotated], full[annotated], rtol=1e-4, atol=1e-4)
+    assert not some[~annotated].any()  # not decoded: zeros, and the loss leaves them out
+
+
 def test_bad_dataset_fails_before_training(tmp_path):
     root = write_disk_dataset(tmp_path / "bad", count=3)
     (root / "masks" / "c1.png").unlink()

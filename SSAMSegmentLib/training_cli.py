@@ -50,7 +50,8 @@ def add_arguments(parser):
                              "at 1e-3 they destroyed labels, docs/fine_tuning.md)")
     parser.add_argument("--patience", type=int, default=DEFAULT_PATIENCE,
                         help="stop when this many validations (one every tenth of the schedule) after warm-up "
-                             "bring no better Dice (default %(default)s; 0: never stop early)")
+                             "bring no progress: no better mean Dice and no label 0.01 above its own best (default "
+                             "%(default)s; 0: never stop early)")
     parser.add_argument("--val-fraction", type=float, default=0.2, help="share of cases held out for validation")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", help="checkpoint to continue from (<output>.checkpoint.safetensors)")

@@ -630,7 +630,7 @@ def train(config: TrainingConfig, progress: Optional[Callable[[TrainingProgress]
                 if state["stopped_early"]:
                     report(TrainingProgress(epoch + 1, _passes(state, steps_per_epoch), state["global_step"],
                                             state["total_steps"], record["loss"], record.get("val_dice"), 0.0,
-                                            f"stopped early: no better validation Dice in {config.patience} "
+                                            f"stopped early: no progress in validation Dice in {config.patience} "
                                             f"validations", phase="done"))
             if state["stopped_early"] or state["global_step"] >= state["total_steps"]:
                 break

@@ -12,12 +12,16 @@ DATA_NOTES = """\
 | dataset | images | labels | ground truth | licence |
 |---|---|---|---|---|
 | ct-mr (train) | TotalSegmentator `example_ct_sm` (CT, 30 slices, 3 mm) and `example_mr_sm` (MR, 20 slices) | liver, spleen, kidney, stomach, aorta, spine, lung | TotalSegmentator predictions, merged into coarse labels | Apache-2.0 |
-| polyp-train | Kvasir-SEG, 4 colonoscopy images | polyp | manual | research and education use |
+| polyp-train | Kvasir-SEG, 760 colonoscopy images (the 1000 less the test and validation images, a fixed rule by name) | polyp | manual | research and education use |
+| gland-train | GlaS `train_1` to `train_10` (colon histology, H&E, 600x400) | gland | manual | research use only |
 | nuclei-train | 3 of 4 tiles (256x256) of the DSB2018 fluorescence image `img2d.tif` | nucleus | manual | BSD-3 |
+| nuclei-he-train | MoNuSeg 2018, 9 slides (H&E, 1000x1000) cut into 144 tiles of 250x250 | nucleus | manual outlines, rasterised | CC BY-NC-SA 4.0 |
 | val-ct (validation) | TotalSegmentator `example_ct_dicom` (another CT, 20 slices of 512x512) | liver, spleen, stomach, aorta, spine (kidney and lung absent) | TotalSegmentator predictions | Apache-2.0 |
 | val-dcmqi (validation) | dcmqi 3-slice CT (QIICR/dcmqi) | liver, spine | manual (Slicer) | BSD-3 |
-| polyp-val (validation) | the 5th Kvasir-SEG image | polyp | manual | research and education use |
-| nuclei-val (validation) | the 4th nuclei tile | nucleus | manual | BSD-3 |
+| polyp-val (validation) | Kvasir-SEG, 40 images (every 20th of the non-test ones) | polyp | manual | research and education use |
+| gland-val (validation) | GlaS `testA_1`, `testA_3`, `testA_6`, `testA_7`, `testA_8` | gland | manual | research use only |
+| nuclei-val (validation) | the 4th DSB2018 nuclei tile | nucleus | manual | BSD-3 |
+| nuclei-he-val (validation) | MoNuSeg 2018, 3 other slides, 4 tiles each (the diagonal) | nucleus | manual outlines, rasterised | CC BY-NC-SA 4.0 |
 """
 
 
@@ -63,8 +67,9 @@ offline: {training.get('train_slices')} training slices, and its CT labels are a
 
 ## Training data
 All from the project's shared real-data folder, laid out by `scripts/build_default_training_data.py`; validation
-cases are never trained on. `ssam demo` segments two images: the 4th nuclei tile, which is the nuclei-val case
-(validation only, never trained on; the other three tiles of that image were trained on), and pydicom's `CT_small.dcm`,
+cases are never trained on, and the Kvasir-SEG test images (200, every 5th by name) neither trained nor validated on.
+`ssam demo` segments three images: GlaS `testA_1` (gland-val, never trained on), the 4th nuclei tile, which is the
+nuclei-val case (validation only; the other three tiles of that image were trained on), and pydicom's `CT_small.dcm`,
 a chest CT slice used neither in training nor in validation.
 
 {DATA_NOTES}

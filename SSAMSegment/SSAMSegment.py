@@ -144,7 +144,7 @@ class SSAMSegmentParameterNode:
     outputSegmentation: slicer.vtkMRMLSegmentationNode
     replaceExisting: bool = False
     trainingLabels: str = ""
-    trainingEpochs: Annotated[int, WithinRange(1, 1000)] = 20
+    trainingBudgetMinutes: Annotated[float, WithinRange(0.0, 10080.0)] = 0.0  # 0: no budget, the default recipe
     trainingAdapterName: str = ""
 
 
@@ -184,7 +184,8 @@ class SSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.ui.progressBar.hide()
         self.ui.trainingProgressBar.hide()
-        self.ui.trainingTableWidget.setHorizontalHeaderLabels([_("Epoch"), _("Step"), _("Loss"), _("Val. Dice")])
+        self.ui.trainingTableWidget.setHorizontalHeaderLabels(
+            [_("Step"), _("Loss"), _("Val. Dice"), _("Expected finish")])
         self.ui.trainingTableWidget.horizontalHeader().setSectionResizeMode(qt.QHeaderView.Stretch)
         self.ui.trainingTableWidget.hide()
 
@@ -208,6 +209,7 @@ class SSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.defaultDeviceComboBox.currentText = defaultDevice
         self.ui.deviceComboBox.currentText = defaultDevice
         self.ui.trainingFolderPathLineEdit.currentPath = settings.value(f"{SETTINGS}/lastTrainingFolder", "")
+        self.ui.trainingBudgetSpinBox.toolTip = SSAMSegmentLogic.trainingBudgetHelp()
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -703,7 +705,8 @@ class SSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             output = self.logic.newAdapterPath(self.ui.trainingAdapterNameLineEdit.text)
             if self.ui.trainingFolderRadioButton.checked:
                 task = self.logic.startTraining(output, folder=self.ui.trainingFolderPathLineEdit.currentPath,
-                                                base=base, labels=labels, epochs=self.ui.trainingEpochsSpinBox.value,
+                                                base=base, labels=labels,
+                                                budgetMinutes=self.ui.trainingBudgetSpinBox.value,
                                                 device=DEVICES.get(self.ui.deviceComboBox.currentText, "auto"))
             else:
                 listWidget = self.ui.trainingPairsListWidget
@@ -711,7 +714,7 @@ class SSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                          if listWidget.item(row).checkState() == qt.Qt.Checked]
                 with slicer.util.WaitCursor():
                     task = self.logic.startTraining(output, pairs=pairs, base=base, labels=labels,
-                                                    epochs=self.ui.trainingEpochsSpinBox.value,
+                                                    budgetMinutes=self.ui.trainingBudgetSpinBox.value,
                                                     device=DEVICES.get(self.ui.deviceComboBox.currentText, "auto"))
         except Exception as error:
             self.setStatus(str(error), error=True, training=True)
@@ -722,27 +725,22 @@ class SSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.startTask(task, button="train", label=_("Training"))
 
     def showTrainingProgress(self, event) -> None:
-        """One table row per epoch, updated as its steps go; the progress bar counts optimizer steps."""
-        table = self.ui.trainingTableWidget
-        epoch = event.get("epoch")
-        if epoch is None:
-            return
-        row = table.rowCount - 1
-        if row < 0 or table.item(row, 0).text().split("/")[0] != str(epoch):
+        """One table row per validation (step, loss, validation Dice, expected finish); the progress bar counts
+        optimizer steps (a time budget fixes their total after the first steps)."""
+        values = SSAMSegmentLogic.trainingTableRow(event)
+        if values is not None:
+            table = self.ui.trainingTableWidget
             row = table.rowCount
             table.insertRow(row)
-        loss, dice = event.get("loss"), event.get("val_dice")
-        epochs = event.get("epochs")
-        values = [f"{epoch}/{epochs}" if epochs else str(epoch), f"{event.get('step')}/{event.get('total_steps')}",
-                  "" if loss is None else f"{loss:.4f}", "" if dice is None else f"{dice:.3f}"]
-        for column, text in enumerate(values):
-            if column == 3 and not text and table.item(row, 3) is not None:
-                continue  # keep the epoch's validation Dice once known
-            table.setItem(row, column, qt.QTableWidgetItem(text))
-        table.scrollToBottom()
+            for column, text in enumerate(values):
+                table.setItem(row, column, qt.QTableWidgetItem(text))
+            table.scrollToBottom()
         total = event.get("total_steps") or 0
         if total:
-            self.ui.trainingProgressBar.value = int(1000 * min(1.0, (event.get("step") or 0) / total))
+            bar = self.ui.trainingProgressBar
+            bar.setRange(0, total)
+            bar.value = min(total, event.get("step") or 0)
+            bar.setFormat(_("Training: step %v of %m"))
         eta = event.get("eta_seconds")
         message = event.get("message") or ""
         if eta is not None:
@@ -1126,9 +1124,40 @@ class SSAMSegmentLogic(ScriptedLoadableModuleLogic):
         return [case for case in cases if case[2]]
 
     @staticmethod
-    def trainingConfig(output, folder=None, base=None, labels=None, epochs=20, device="auto", **extra) -> dict:
-        """TrainingConfig fields as a plain dict (it travels to the background process as JSON); base None: the
-        library's default base."""
+    def trainingBudgetHelp() -> str:
+        """The time budget's tooltip, with the default recipe's numbers read from the library."""
+        from SSAMSegmentLib.training.recipe import DEFAULT_PATIENCE, DEFAULT_STEPS
+        from SSAMSegmentLib.training.schedule import VALIDATIONS_PER_RUN, WARMUP_SHARE
+
+        text = _("Minutes the training steps and validations may take (preparing the data comes before): the "
+                 "first steps are timed, then the total number of steps is fixed so that warm-up and decay end in "
+                 "time. 0: no budget, the default recipe of {steps} optimizer steps ({warmup:.0%} warm-up, then "
+                 "cosine decay; {validations} validations, the best adapter kept; a stop after {patience} "
+                 "validations without progress), as ssam train does without options.")
+        return text.format(steps=DEFAULT_STEPS, warmup=WARMUP_SHARE, validations=VALIDATIONS_PER_RUN,
+                           patience=DEFAULT_PATIENCE)
+
+    @staticmethod
+    def trainingBudget(budgetMinutes) -> Optional[float]:
+        """The panel's time budget as TrainingConfig.budget_minutes: 0 or empty means none (the default recipe)."""
+        from SSAMSegmentLib import SSAMError
+
+        text = str(budgetMinutes).strip() if budgetMinutes is not None else ""
+        try:
+            minutes = float(text) if text else 0.0
+        except ValueError:
+            minutes = float("nan")
+        if not 0 <= minutes < float("inf"):  # also NaN
+            raise SSAMError(f"time budget '{budgetMinutes}' must be a number of minutes, 0 or more; give e.g. 30, "
+                            f"or 0 for the default recipe's steps")
+        return minutes or None
+
+    @staticmethod
+    def trainingConfig(output, folder=None, base=None, labels=None, budgetMinutes=None, device="auto",
+                       **extra) -> dict:
+        """TrainingConfig fields as a plain dict (it travels to the background process as JSON): the library's
+        default recipe (recipe.py), fitted to `budgetMinutes` when given; base None: the library's default base.
+        `extra` are further TrainingConfig fields (scripts and tests: steps=, batch_size=...)."""
         from SSAMSegmentLib import SSAMError
         from SSAMSegmentLib.model.loading import DEFAULT_BASE
 
@@ -1137,32 +1166,46 @@ class SSAMSegmentLogic(ScriptedLoadableModuleLogic):
         if folder is not None and (not str(folder).strip() or not Path(folder).is_dir()):
             raise SSAMError(f"dataset folder '{folder}' does not exist; choose the folder with the training images")
         config = {"output": str(output), "base": base, "labels": list(labels) if labels else None,
-                  "epochs": int(epochs), "device": device}
+                  "budget_minutes": SSAMSegmentLogic.trainingBudget(budgetMinutes), "device": device}
         if folder is not None:
             config["data"] = str(folder)
         config.update(extra)
         return config
 
-    def train(self, output, folder=None, pairs=None, base=None, labels=None, epochs=20, device="auto",
+    def train(self, output, folder=None, pairs=None, base=None, labels=None, budgetMinutes=None, device="auto",
               progress=None, cancel=None, **extra):
         """Train an adapter here and now from a dataset folder or scene pairs; return the TrainingResult."""
         import SSAMSegmentLib
         from SSAMSegmentLib.training import datasets
 
-        config = self.trainingConfig(output, folder, base, labels, epochs, device, **extra)
+        config = self.trainingConfig(output, folder, base, labels, budgetMinutes, device, **extra)
         if pairs is not None:
             config["data"] = datasets.memory_dataset(self.trainingCases(pairs, labels))
         return SSAMSegmentLib.train(SSAMSegmentLib.TrainingConfig(**config), progress=progress, cancel=cancel)
 
-    def startTraining(self, output, folder=None, pairs=None, base=None, labels=None, epochs=20,
+    def startTraining(self, output, folder=None, pairs=None, base=None, labels=None, budgetMinutes=None,
                       device="auto", python=None, **extra):
-        """Train in a background process; the task's events include 'training' rows (epoch, loss, Dice...)."""
+        """Train in a background process; the task's 'training' events are the library's TrainingProgress fields
+        (step, total_steps, loss, val_dice, finish_time, phase...)."""
         from SSAMSegmentLib.slicer import background_task
 
-        config = self.trainingConfig(output, folder, base, labels, epochs, device, **extra)
+        config = self.trainingConfig(output, folder, base, labels, budgetMinutes, device, **extra)
         cases = self.trainingCases(pairs, labels) if pairs is not None else None
         Path(output).parent.mkdir(parents=True, exist_ok=True)
         return background_task.start_training(config, cases, python=python)
+
+    @staticmethod
+    def trainingTableRow(event) -> Optional[List[str]]:
+        """The panel table's row for a 'training' event that reports a validation: step/total, loss since the last
+        validation, mean validation Dice, expected finish (clock time); None for every other event."""
+        import time
+
+        if event.get("phase") != "validated":
+            return None
+        loss, dice, finish = event.get("loss"), event.get("val_dice"), event.get("finish_time")
+        return [f"{event.get('step')}/{event.get('total_steps')}", "" if loss is None else f"{loss:.4f}",
+                _("none") if dice is None else f"{dice:.3f}",
+                "" if finish is None else time.strftime("%H:%M", time.localtime(finish))]
 
 
 #

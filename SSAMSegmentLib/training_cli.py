@@ -150,7 +150,7 @@ class _Display:
             return
         fields = format_progress(update)
         if not self.interactive:
-            if update.phase in ("validate", "done") or self.clock() - self.last_line > 30 \
+            if update.phase in ("validate", "validated", "done") or self.clock() - self.last_line > 30 \
                     or update.step == update.total_steps:
                 print(", ".join(fields), file=sys.stderr, flush=True)
                 self.last_line = self.clock()

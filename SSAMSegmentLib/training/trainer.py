@@ -167,7 +167,7 @@ class TrainingProgress:
     eta_seconds: Optional[float]
     message: str
     samples_per_second: Optional[float] = None
-    phase: str = "train"  # "prepare", "train", "validate", "done"
+    phase: str = "train"  # "prepare", "train", "validate" (starts), "validated" (its result), "done"
     lr: Optional[float] = None  # peak group's current learning rate (everything but the singular values)
     finish_time: Optional[float] = None  # expected end of the run, as time.time()
 
@@ -601,6 +601,16 @@ def train(config: TrainingConfig, progress: Optional[Callable[[TrainingProgress]
         # before one has run: a forward pass costs about a third of a training step per slice
         return len(val_bank or ()) * per_step / batch_size / 3
 
+    def seconds_per_step():
+        """The recent steps' mean (the first step also warms caches up); None before any step of this process."""
+        return float(np.mean(step_times[1:][-20:] or step_times)) if step_times else None
+
+    def seconds_left(per_step):
+        """Honest expected time to the end: the steps left and the validations left (a due one included)."""
+        validations = validations_left(state["global_step"], state["total_steps"]) + state["validation_due"]
+        return ((state["total_steps"] - state["global_step"]) * per_step
+                + validations * seconds_per_validation(per_step))
+
     try:
         while True:
             schedule = WarmupCosine.for_total(state["total_steps"])
@@ -627,6 +637,16 @@ def train(config: TrainingConfig, progress: Optional[Callable[[TrainingProgress]
                 state["stopped_early"] = bool(_agree(int(stop), world))
                 if rank == 0:
                     save_checkpoint(checkpoint_path, model, optimizer, dict(state, elapsed=elapsed()))
+                # One event per validation with its result (the last one is otherwise never reported: the run ends)
+                per_step = seconds_per_step()
+                remaining = 0.0 if state["stopped_early"] else None if per_step is None else seconds_left(per_step)
+                dice = record.get("val_dice")
+                report(TrainingProgress(epoch + 1, _passes(state, steps_per_epoch), state["global_step"],
+                                        state["total_steps"], record["loss"], dice, remaining,
+                                        f"validation at step {state['global_step']}: "
+                                        + ("no validation cases" if dice is None else f"Dice {dice:.3f}"),
+                                        lr=record["lr"], phase="validated",
+                                        finish_time=None if remaining is None else time.time() + remaining))
                 if state["stopped_early"]:
                     report(TrainingProgress(epoch + 1, _passes(state, steps_per_epoch), state["global_step"],
                                             state["total_steps"], record["loss"], record.get("val_dice"), 0.0,
@@ -656,7 +676,7 @@ def train(config: TrainingConfig, progress: Optional[Callable[[TrainingProgress]
             losses.append(loss)
             state["global_step"] += 1
             step_times.append(time.perf_counter() - tick)
-            per_step = float(np.mean(step_times[1:][-20:] or step_times))  # the first step also warms caches up
+            per_step = seconds_per_step()
             if not state["total_fixed"] and len(step_times) >= PROBE_STEPS:
                 state["total_steps"] = _agree(_budget_total(config, state, steps_per_epoch, elapsed(), per_step,
                                                             seconds_per_validation(per_step)), world)
@@ -667,10 +687,7 @@ def train(config: TrainingConfig, progress: Optional[Callable[[TrainingProgress]
                                         f"at {per_step:.1f} s each", phase="prepare"))
             if is_validation_step(state["global_step"], state["total_steps"]):
                 state["validation_due"] = True
-            # Honest expected finish: the steps left and the validations left, this step's own included
-            validations = validations_left(state["global_step"], state["total_steps"]) + state["validation_due"]
-            remaining = ((state["total_steps"] - state["global_step"]) * per_step
-                         + validations * seconds_per_validation(per_step))
+            remaining = seconds_left(per_step)
             report(TrainingProgress(epoch + 1, _passes(state, steps_per_epoch), state["global_step"],
                                     state["total_steps"], float(np.mean(losses[-10:])),
                                     state["history"][-1].get("val_dice") if state["history"] else None, remaining,

@@ -221,7 +221,7 @@ def parameter_node_fields():
 
 
 CONTROLS = {"QPushButton", "QToolButton", "QComboBox", "QLineEdit", "QCheckBox", "QRadioButton", "QSpinBox",
-            "qMRMLNodeComboBox", "ctkPathLineEdit", "QListWidget", "QTableWidget", "QProgressBar"}
+            "QDoubleSpinBox", "qMRMLNodeComboBox", "ctkPathLineEdit", "QListWidget", "QTableWidget", "QProgressBar"}
 
 
 def test_every_widget_the_code_uses_is_in_the_ui():

@@ -8,6 +8,7 @@ Segments are checked through the segmentation's own binary labelmap (its voxels 
 import collections
 import importlib
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -515,25 +516,70 @@ def test_scene_pairs_become_training_cases(scene, data_dir):
         Logic.trainingCases([])
 
 
-@pytest.mark.slow
-def test_background_training_from_scene_pairs(scene, tmp_path, logic):
+def phantom_pairs(scene, logic, count=3):
+    """(volume, segmentation) pairs of phantoms with their bright organ drawn, as the panel lists them."""
     pairs = []
-    for number in range(3):
+    for number in range(count):
         volume = phantom(scene)
         volume.SetName(f"phantom {number}")
         image = slicer_nodes.image_from_volume_node(volume)
         organ = (sitk.GetArrayFromImage(image) > 100).astype(np.uint8)
         segmentation, _ids = logic.writeMasks(masks_on(image, {"organ": organ}), volume)
         pairs.append((volume, segmentation))
+    return pairs
+
+
+@pytest.mark.slow
+def test_background_training_from_scene_pairs_within_a_time_budget(scene, tmp_path, logic):
+    """The panel's path: a time budget, the default schedule (capped at 4 steps here: a validation after each),
+    one table row per validation and a progress bar that ends at the total steps."""
+    pairs = phantom_pairs(scene, logic)
     output = tmp_path / "adapters" / "phantom.adapter.safetensors"
-    task = logic.startTraining(output, pairs=pairs, base="test-vit", epochs=1, device="cpu", python=sys.executable,
-                               max_steps=2, batch_size=2, val_fraction=0.34)
-    rows = []
-    result = task.wait(timeout=600, on_event=lambda e: rows.append(e) if e["event"] == "training" else None)
+    task = logic.startTraining(output, pairs=pairs, base="test-vit", budgetMinutes=10, device="cpu",
+                               python=sys.executable, steps=4, batch_size=2, val_fraction=0.34)
+    events = []
+    result = task.wait(timeout=600, on_event=lambda e: events.append(e) if e["event"] == "training" else None)
     task.cleanup()
     assert Path(result["adapter_path"]) == output and output.is_file()
-    assert rows and all({"epoch", "step", "total_steps", "loss"} <= set(row) for row in rows)
     assert logic.adapterInfo(output)["labels"] == ["organ"]
+    assert result["steps"] == result["summary"]["total_steps"] == 4  # the budget allows more than the 4 asked
+    assert result["summary"]["budget_minutes"] == 10
+    assert any(e.get("message", "").startswith("budget of 10 min: 4 steps") for e in events)
+    steps = [e for e in events if e.get("phase") == "train"]
+    assert [e["step"] for e in steps] == [1, 2, 3, 4] and steps[-1]["total_steps"] == 4  # what the bar counts
+    rows = [row for row in map(Logic.trainingTableRow, events) if row is not None]
+    assert [row[0] for row in rows] == ["1/4", "2/4", "3/4", "4/4"]  # one row per validation
+    assert [row[2] for row in rows] == [f"{record['val_dice']:.3f}" for record in result["history"]]
+    assert all(row[1] and re.fullmatch(r"\d\d:\d\d", row[3]) for row in rows)
+
+
+def test_panel_training_uses_the_default_recipe(tmp_path):
+    """No epochs: the library's default steps, or a time budget; 0 or empty means no budget."""
+    from SSAMSegmentLib import TrainingConfig
+    from SSAMSegmentLib.training import recipe, trainer
+
+    output = tmp_path / "a.adapter.safetensors"
+    for none in (None, 0, 0.0, "", " "):
+        config = Logic.trainingConfig(output, folder=tmp_path, budgetMinutes=none)
+        assert config["budget_minutes"] is None and "epochs" not in config and "steps" not in config
+        assert trainer._planned_steps(TrainingConfig(**config), steps_per_epoch=7) == recipe.DEFAULT_STEPS
+    assert Logic.trainingConfig(output, folder=tmp_path, budgetMinutes=30)["budget_minutes"] == 30.0
+    assert Logic.trainingConfig(output, folder=tmp_path, budgetMinutes="12.5")["budget_minutes"] == 12.5
+    for bad in (-1, "soon", float("nan"), float("inf")):
+        with pytest.raises(SSAMError, match="must be a number of minutes, 0 or more"):
+            Logic.trainingConfig(output, folder=tmp_path, budgetMinutes=bad)
+    help_text = Logic.trainingBudgetHelp()
+    assert f"{recipe.DEFAULT_STEPS} optimizer steps" in help_text
+    assert f"{recipe.DEFAULT_PATIENCE} validations without progress" in help_text
+
+
+def test_training_table_has_a_row_per_validation_only():
+    validated = {"event": "training", "phase": "validated", "step": 40, "total_steps": 400, "loss": 0.51234,
+                 "val_dice": 0.6789, "finish_time": time.mktime((2026, 1, 2, 14, 5, 0, 0, 0, -1))}
+    assert Logic.trainingTableRow(validated) == ["40/400", "0.5123", "0.679", "14:05"]
+    assert Logic.trainingTableRow(dict(validated, val_dice=None, finish_time=None))[2:] == ["none", ""]
+    for phase in ("prepare", "train", "validate", "done"):
+        assert Logic.trainingTableRow(dict(validated, phase=phase)) is None
 
 
 # --- small Logic helpers ------------------------------------------------------------------------------------------
@@ -647,9 +693,10 @@ def test_background_job_reports_untaught_labels(tmp_path, organ_adapter):
 
 
 def test_training_config_checks_the_folder(tmp_path):
-    config = Logic.trainingConfig(tmp_path / "a.adapter.safetensors", folder=tmp_path, labels=["liver"], epochs=3)
+    config = Logic.trainingConfig(tmp_path / "a.adapter.safetensors", folder=tmp_path, labels=["liver"],
+                                  budgetMinutes=20)
     assert config == {"output": str(tmp_path / "a.adapter.safetensors"), "base": "litemedsam", "labels": ["liver"],
-                      "epochs": 3, "device": "auto", "data": str(tmp_path)}
+                      "budget_minutes": 20.0, "device": "auto", "data": str(tmp_path)}
     for folder in ("", tmp_path / "missing"):
         with pytest.raises(SSAMError, match="does not exist"):
             Logic.trainingConfig(tmp_path / "a.adapter.safetensors", folder=folder)

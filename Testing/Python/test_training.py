@@ -246,8 +246,14 @@ def test_a_four_image_dataset_gets_the_configured_steps(tmp_path):
 
 def test_early_stopping_after_patience_validations_without_improvement(disks, tmp_path):
     # Nothing learns at rate 0: the first validation stays the best. 20 steps validate every 2; warm-up is step 1.
-    result = train(_config(disks, tmp_path, steps=20, lr=0.0, lr_singular_values=0.0, patience=2))
+    updates = []
+    result = train(_config(disks, tmp_path, steps=20, lr=0.0, lr_singular_values=0.0, patience=2),
+                   progress=updates.append)
     assert result.steps == 6 and [r["step"] for r in result.history] == [2, 4, 6]
+    # One 'validated' event per validation with its result (what the Slicer panel's table shows), then 'done'
+    validated = [u for u in updates if u.phase == "validated"]
+    assert [(u.step, u.val_dice) for u in validated] == [(r["step"], r["val_dice"]) for r in result.history]
+    assert validated[-1].eta_seconds == 0.0 and updates[-1].phase == "done"
     assert result.summary["stopped_early"] and result.summary["steps"] == 2  # the kept adapter is the best one
     never = train(_config(disks, tmp_path / "never", steps=6, lr=0.0, lr_singular_values=0.0, patience=0))
     assert never.steps == 6 and len(never.history) == 6 and not never.summary["stopped_early"]

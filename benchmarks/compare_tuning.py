@@ -15,7 +15,9 @@ tested on two other CTs). Per study, each a column of the table:
 - the box prompt: the untuned base prompted on every image/slice where a label is present with the bounding box of
   its true mask (inference/box_prompt.py); it needs an expert's box and cannot say "absent", so only its classic Dice
   exists;
-- --adapter NAME=PATH: any other adapter ("default": the shipped one), on the same test images.
+- --adapter NAME=PATH: any other adapter ("default": the shipped one), on the same test images. Its training summary
+  is read for the test cases it trained or chose its kept step on (by case name), which the table's notes name: the
+  shipped adapter of 2026-11-23 trained on a Kvasir image that is a test image now and validated on both test CTs.
 
 Evaluation is the user's path: the adapter loaded as `ssam segment` loads it, the whole image segmented at native
 resolution (tiles as the adapter says, sparse slices and volume context as by default), then Dice per image (per
@@ -167,6 +169,22 @@ def adapter_tiles(path) -> dict:
     return read_metadata(Path(path)).get("tiles") or {}
 
 
+def held_out_overlap(path, case_ids) -> dict:
+    """The test cases an adapter's training summary lists among its training or validation cases, matched by case
+    name (the last part of the id): an adapter trained before the data's present layout (the shipped one saw Kvasir
+    images that are test images now, under polyp-train/) is caught too; so is an unrelated case of the same name."""
+    from SSAMSegmentLib.model.adapter import read_metadata
+
+    training = read_metadata(Path(path)).get("training") or {}
+    by_name = {case_id.rsplit("/", 1)[-1]: case_id for case_id in case_ids}
+
+    def seen(key):
+        return sorted(by_name[name] for name in {str(c).rsplit("/", 1)[-1] for c in training.get(key) or []}
+                      if name in by_name)
+
+    return {"trained_on": seen("train_cases"), "validated_on": seen("val_cases")}
+
+
 # --- test images ------------------------------------------------------------------------------------------------
 
 
@@ -260,7 +278,8 @@ def evaluate_box_prompt(base, cases, labels, log=_log) -> dict:
 
 
 def cached_evaluation(path: Path, key: dict, evaluate) -> dict:
-    """The evaluation stored at `path` when it was made with `key` (adapter digest, test sets, labels), else a new one."""
+    """The evaluation stored at `path` when it was made with `key` (adapter digest, test sets, labels), else a new
+    one."""
     if path.is_file():
         stored = json.loads(path.read_text())
         if stored.get("key") == key:
@@ -281,6 +300,12 @@ def label_means(rows, labels) -> dict:
 def run_study(study: Study, data: Path, work: Path, budget: float, seed: int = 0, base: str = "litemedsam",
               adapters: Optional[Dict[str, str]] = None, tiles_off: bool = False, command: str = "", log=_log) -> dict:
     """Train the study's runs, evaluate every column on its test images; the study's record (all numbers)."""
+    from SSAMSegmentLib.model.loading import resolve_adapter
+
+    extra = {name: resolve_adapter(path) for name, path in (adapters or {}).items()}
+    for name, path in extra.items():  # before hours of training, not after
+        if not path.is_file():
+            raise SSAMError(f"adapter {name}={path} does not exist; give an adapter file or 'default'")
     data, work = Path(data), Path(work) / study.name
     work.mkdir(parents=True, exist_ok=True)
     cases = list(held_out_cases(study, data))
@@ -292,13 +317,15 @@ def run_study(study: Study, data: Path, work: Path, budget: float, seed: int = 0
         if name == BOX:  # given only where a label is present: no blank-is-1 reading
             for values in means.values():
                 values["dice"] = None
+        if "adapter" in extra:
+            extra.update(held_out_overlap(extra["adapter"], key["cases"]))
         columns[name] = {"title": title, "means": means,
                          "test_seconds": evaluation["seconds"], "encoded_slices": evaluation["encoded_slices"],
                          "untaught": evaluation["untaught"], "rows": evaluation["rows"], **extra}
 
     runs = [SSAM, NORMS] + ([TILES_OFF] if tiles_off else [])
     for run in runs:
-        if run is TILES_OFF and not adapter_tiles(columns[SSAM.key]["training"]["adapter"]):
+        if run is TILES_OFF and not columns[SSAM.key]["tiles"]:
             columns[run.key] = {"title": run.title, "skipped": "the S-SAM run tiled no label, so tiles off is the "
                                                                "same run"}
             log(f"{study.name} / {run.title}: skipped ({columns[run.key]['skipped']})")
@@ -308,18 +335,15 @@ def run_study(study: Study, data: Path, work: Path, budget: float, seed: int = 0
         adapter = Path(training["adapter"])
         evaluation = cached_evaluation(work / f"{run.key}.test.json", dict(key, adapter_sha256=_sha256(adapter)),
                                        lambda: evaluate_adapter(adapter, cases, study.labels, log))
-        add(run.key, run.title, evaluation, training=training)
+        add(run.key, run.title, evaluation, adapter=str(adapter), training=training, tiles=adapter_tiles(adapter))
     log(f"{study.name} / box prompt: testing")
     evaluation = cached_evaluation(work / "box.test.json", dict(key, base=base),
                                    lambda: evaluate_box_prompt(base, cases, study.labels, log))
     add(BOX, "box prompt", evaluation, base=base)
-    for name, path in (adapters or {}).items():
-        from SSAMSegmentLib.model.loading import resolve_adapter
-
-        resolved = resolve_adapter(path)
+    for name, path in extra.items():
         log(f"{study.name} / adapter {name}: testing")
-        evaluation = cached_evaluation(work / f"adapter-{name}.test.json", dict(key, adapter_sha256=_sha256(resolved)),
-                                       lambda: evaluate_adapter(resolved, cases, study.labels, log))
+        evaluation = cached_evaluation(work / f"adapter-{name}.test.json", dict(key, adapter_sha256=_sha256(path)),
+                                       lambda: evaluate_adapter(path, cases, study.labels, log))
         add(f"adapter:{name}", name, evaluation, adapter=str(path))
     return {"name": study.name, "title": study.title, "about": study.about, "train": list(study.train),
             "val": list(study.val) if study.val else None, "test": list(study.test), "labels": list(study.labels),
@@ -372,8 +396,13 @@ def study_markdown(record: dict) -> str:
                     else "no validation: the last step kept")
             runs.append(f"{column['title']}: {training['steps_done']} of {training['total_steps']} steps{stop}, "
                         f"{kept}, {training['train_minutes']:.1f} min")
-    untaught = [f"{column['title']} was never taught {', '.join(column['untaught'])} (a guess)"
-                for column in scored.values() if column["untaught"]]
+    notes = [f"{column['title']} was never taught {', '.join(column['untaught'])} (a guess)"
+             for column in scored.values() if column["untaught"]]
+    for column in scored.values():
+        for key, verb in (("trained_on", "trained"), ("validated_on", "chose its kept step")):
+            if column.get(key):
+                notes.append(f"{column['title']} {verb} on {len(column[key])} of these test cases (by name: "
+                             f"{', '.join(column[key][:3])}{' ...' if len(column[key]) > 3 else ''})")
     val = ", ".join(record["val"]) if record["val"] else "a seeded split of the training cases"
     return "\n".join([
         f"### {record['title']}",
@@ -384,7 +413,7 @@ def study_markdown(record: dict) -> str:
         "\n".join(lines),
         "",
         f"Scored test images/slices per label: {counts}. Training (budget {record['budget_minutes']:g} min, seed "
-        f"{record['seed']}): {'; '.join(runs)}." + (f" Note: {'; '.join(untaught)}." if untaught else ""),
+        f"{record['seed']}): {'; '.join(runs)}." + (f" Note: {'; '.join(notes)}." if notes else ""),
         "",
         f"Command ({record['date']}): `{record['command']}`",
     ])
@@ -396,12 +425,13 @@ def _mean_of(values):
 
 
 SECTION_INTRO = """Written by `benchmarks/compare_tuning.py` (its docstring says how); everything after this
-section is hand-written. Per dataset: S-SAM with the default recipe and norms-only tuning (the singular values frozen), each
-given the same `--budget` of training minutes and the same seed, the untuned base prompted with the true mask's
-bounding box, and any other adapter named; all tested on images no run trained or validated on, segmented as
-`ssam segment` does (whole image, native resolution). "Dice" counts an empty prediction of an absent label as 1 (the
-S-SAM paper's reading), "classic" averages over images (slices) where the label is present only; the box prompt,
-given only where a label is present, has only the classic reading. Means per label over the test images."""
+section is hand-written. Per dataset: S-SAM with the default recipe and norms-only tuning (the singular values
+frozen), each given the same `--budget` of training minutes and the same seed; the untuned base prompted with the true
+mask's bounding box; any other adapter named. All are tested on images that the runs trained here neither trained nor
+validated on (another adapter's overlap with them is noted), segmented as `ssam segment` does (whole image, native
+resolution). "Dice" counts an empty prediction of an absent label as 1 (the S-SAM paper's reading), "classic"
+averages over images (slices) where the label is present only; the box prompt, given only where a label is present,
+has only the classic reading. Means per label over the test images."""
 
 
 def write_docs(records: Dict[str, dict], docs: Path, command: str, threads: int):
@@ -424,7 +454,8 @@ def save_results(work: Path, results: dict):
 def _adapter_argument(text):
     name, _, path = text.partition("=")
     if not name.strip() or not path.strip():
-        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=PATH; write e.g. shipped=default or mine=my.adapter.safetensors")
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=PATH; write e.g. shipped=default or "
+                                         f"mine=my.adapter.safetensors")
     return name.strip(), path.strip()
 
 

@@ -139,8 +139,9 @@ def table(header, rows) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: Path, name: str, title: str, body: str, threads: int):
-    """Replace (or append) the section between this benchmark's markers in `path`, with command, date, machine."""
+def write_section(path: Path, name: str, title: str, body: str, threads: int, command: str = None):
+    """Replace (or append) the section between this benchmark's markers in `path`, with command (default: this
+    process's command line), date, machine."""
     from SSAMSegmentLib.files.atomic_file import atomic_output
 
     start, end = f"<!-- benchmark:{name} -->", f"<!-- /benchmark:{name} -->"
@@ -148,7 +149,7 @@ def write_section(path: Path, name: str, title: str, body: str, threads: int):
         start,
         f"## {title}",
         "",
-        f"Command: `{command_line()}`  ",
+        f"Command: `{command or command_line()}`  ",
         f"Date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}  ",
         f"Machine: {machine(threads)}",
         "",

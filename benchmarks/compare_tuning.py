@@ -1,157 +1,503 @@
-"""S-SAM against norms-only tuning and against the base prompted with the ground-truth box, on real data.
+"""Per-dataset study: S-SAM's default recipe against norms-only tuning and the box-prompted base, on test images that
+no run trained or validated on. Writes the generated section of docs/fine_tuning.md and every number as JSON.
 
     python scripts/build_default_training_data.py /tmp/dd
-    python benchmarks/compare_tuning.py /tmp/dd --work /tmp/compare --epochs 6
+    python benchmarks/compare_tuning.py /tmp/dd --work /tmp/compare --budget 45 [--studies polyp gland]
+        [--adapter shipped=default] [--tiles-off]
 
-Both text-prompted models are trained with `SSAMSegmentLib.train` under identical settings (data, seed, lr, batch,
-epochs, augmentation); the only difference is `tune`: "ssam" (singular values + norms + positional embedding + TAL +
-decoder norms) or "norms" (the same without the singular values: the paper's ablation baseline). Each keeps its best
-epoch by validation Dice. The box baseline is LiteMedSAM itself, untuned, prompted on every slice where the label is
-present with the bounding box of the true mask: the strongest zero-shot reference, which needs an expert to draw a box
-and cannot say that a structure is absent, so only its classic Dice (slices where the label is present) exists.
-Writes docs/fine_tuning.md (the table and this command).
+One study per real dataset (STUDIES; the folder names are those scripts/build_default_training_data.py writes):
+polyp (Kvasir-SEG), gland (GlaS), nucleus-he (MoNuSeg H&E, test slides not trained on), ct (TotalSegmentator CT + MR,
+tested on two other CTs). Per study, each a column of the table:
+- S-SAM: `train` with the default recipe (tune="ssam", every default), `budget_minutes=--budget`;
+- norms-only: the same with tune="norms" (the singular values frozen: the paper's ablation baseline), same seed;
+- S-SAM, tiles off (--tiles-off): the same as S-SAM with tiles="off", for the with/without tiles measurement; not
+  trained when the S-SAM run tiled no label (it would be the same run);
+- the box prompt: the untuned base prompted on every image/slice where a label is present with the bounding box of
+  its true mask (inference/box_prompt.py); it needs an expert's box and cannot say "absent", so only its classic Dice
+  exists;
+- --adapter NAME=PATH: any other adapter ("default": the shipped one), on the same test images. Its training summary
+  is read for the test cases it trained or chose its kept step on (by case name), which the table's notes name: the
+  shipped adapter of 2026-11-23 trained on a Kvasir image that is a test image now and validated on both test CTs.
+
+Evaluation is the user's path: the adapter loaded as `ssam segment` loads it, the whole image segmented at native
+resolution (tiles as the adapter says, sparse slices and volume context as by default), then Dice per image (per
+slice of a volume, along the axis segment chose) for every label the test image's dataset annotates, with
+training/evaluation.py's metrics: "Dice" counts an empty prediction of an absent label as 1 (the S-SAM paper's
+reading), "classic" averages over the images where the label is present only. Means per label over the test images.
+
+Resumable: each run lives in --work/STUDY/; a finished one (its .result.json) is reused, an interrupted one resumed
+from its checkpoint; evaluations are cached by the adapter file's SHA-256. Studies run at different times accumulate
+in --work/compare_tuning.json and the docs section shows every study there, each with the command that made it.
 """
 
 import argparse
-import sys
+import dataclasses
+import datetime
+import hashlib
+import json
 import time
 from pathlib import Path
+from typing import Dict, Optional, Tuple
 
+import bench_common  # noqa: F401  (sets OMP_WAIT_POLICY and the offline hub before PyTorch loads; sys.path)
 import numpy as np
-import torch
+import SimpleITK as sitk
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from SSAMSegmentLib.errors import Cancelled, SSAMError
+from SSAMSegmentLib.files.atomic_file import atomic_output
+from SSAMSegmentLib.model.labels import label_key
+from SSAMSegmentLib.training.evaluation import label_metrics, summarize_metrics
 
-import SSAMSegmentLib  # noqa: E402
-from SSAMSegmentLib.inference.box_prompt import mask_box  # noqa: E402
-from SSAMSegmentLib.inference.preprocessing import logits_to_slice  # noqa: E402
-from SSAMSegmentLib.training.trainer import TrainingConfig, _prepare_data, train  # noqa: E402
-
-TRAIN = ("ct-mr", "polyp-train")
-VAL = ("val-ct", "val-dcmqi", "polyp-val")
-LABELS = ["liver", "spleen", "spine", "aorta", "polyp"]
+RESULTS_NAME = "compare_tuning.json"
+SECTION = "compare-tuning"
+DOCS = bench_common.REPO / "docs" / "fine_tuning.md"
 
 
-def box_baseline(data: Path, labels):
-    """Classic Dice per label of LiteMedSAM prompted with the true box on each validation slice containing the label,
-    computed on the same validation slices (model resolution, content area) as the adapters' validation."""
-    from SSAMSegmentLib.training.slice_bank import build_slice_bank
+@dataclasses.dataclass(frozen=True)
+class Study:
+    name: str
+    title: str
+    train: Tuple[str, ...]  # dataset folders under the data root
+    test: Tuple[str, ...]  # never trained or validated on
+    labels: Tuple[str, ...]
+    val: Optional[Tuple[str, ...]] = None  # None: a seeded split of the training cases (val_fraction)
+    val_fraction: float = 0.2
+    about: str = ""  # what the reader must know about the split
 
-    config = TrainingConfig(data=[str(data / d) for d in TRAIN], val_data=[str(data / d) for d in VAL], labels=labels)
-    dataset, _, val_cases = _prepare_data(config)
-    model = SSAMSegmentLib.load(base="litemedsam", merge=True)
-    bank = build_slice_bank(val_cases, dataset.label_names, model.image_size)
-    scores = {name: [] for name in dataset.label_names}
-    mean = model.pixel_mean.view(1, -1, 1, 1)
-    std = model.pixel_std.view(1, -1, 1, 1)
+
+STUDIES = {study.name: study for study in (
+    Study("polyp", "Polyp (Kvasir-SEG colonoscopy)", ("polyp-train",), ("polyp-test",), ("polyp",),
+          val=("polyp-val",),
+          about="760 training images, 40 validation images (the adapter kept), 200 test images held apart by name."),
+    Study("gland", "Gland (GlaS H&E colon histology)", ("gland-train",), ("gland-val",), ("gland",),
+          about="GlaS train_1..10 for training (2 of them, a seeded split, validate); testA_1, 3, 6, 7, 8 test."),
+    Study("nucleus-he", "Nucleus (MoNuSeg H&E)", ("nuclei-he-train",), ("nuclei-he-val",), ("nucleus",),
+          about="9 slides as 250x250 tiles for training (a seeded 20% of the tiles validate, so validation shares "
+                "slides with training); the test tiles come from 3 other slides."),
+    Study("ct", "CT organs (TotalSegmentator)", ("ct-mr",), ("val-ct", "val-dcmqi"), ("liver", "spleen", "kidney"),
+          val_fraction=0.0,
+          about="Training on the CT and MR sample volumes (predicted labels); no validation (with two training "
+                "volumes a split would train on one), so the last adapter is kept. Test: another CT (predicted "
+                "labels) and the dcmqi CT's manual liver (it annotates no spleen or kidney); Dice per axial slice."),
+)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """A trained column of a study."""
+    key: str
+    title: str
+    tune: str = "ssam"
+    tiles: str = "auto"
+
+
+SSAM = Run("ssam", "S-SAM")
+NORMS = Run("norms", "norms-only", tune="norms")
+TILES_OFF = Run("ssam-tiles-off", "S-SAM, tiles off", tiles="off")
+BOX = "box"
+
+
+def _log(message):
+    print(message, flush=True)
+
+
+def _write_json(path: Path, value):
+    with atomic_output(path, suffix=".json") as temporary:
+        Path(temporary).write_text(json.dumps(value, indent=1) + "\n")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# --- training ---------------------------------------------------------------------------------------------------
+
+
+def train_run(study: Study, run: Run, data: Path, work: Path, budget: float, seed: int, base: str, log=_log) -> dict:
+    """Train one column (or reuse the finished run in `work`, or resume the interrupted one): its record."""
+    from SSAMSegmentLib.training.trainer import TrainingConfig, train
+
+    settings = {"train": list(study.train), "val": list(study.val) if study.val else None, "labels": list(study.labels),
+                "val_fraction": None if study.val else study.val_fraction, "budget_minutes": budget, "seed": seed,
+                "base": base, "tune": run.tune, "tiles": run.tiles}
+    record_path = work / f"{run.key}.result.json"
+    if record_path.is_file():
+        record = json.loads(record_path.read_text())
+        if record["settings"] != settings:
+            raise SSAMError(f"{record_path} is a run with other settings ({record['settings']}); give another --work "
+                            f"or delete that run's files to train it again")
+        log(f"{study.name} / {run.title}: finished run reused ({record_path})")
+        return record
+    output = work / f"{run.key}.adapter.safetensors"
+    config = TrainingConfig(data=[str(data / name) for name in study.train],
+                            val_data=[str(data / name) for name in study.val] if study.val else None,
+                            val_fraction=study.val_fraction, labels=list(study.labels), output=str(output), base=base,
+                            budget_minutes=budget, seed=seed, tune=run.tune, tiles=run.tiles)
+    checkpoint = config.checkpoint_path()
+    if checkpoint.is_file():
+        config.resume = str(checkpoint)
+        log(f"{study.name} / {run.title}: resuming {checkpoint}")
+    else:
+        config.overwrite = True  # an adapter left without its checkpoint is a run killed before its first one
+
+    def progress(update):
+        if update.phase != "train" or update.step % 10 == 0:
+            log(f"{study.name} / {run.title}: {update.message}"
+                + (f" (loss {update.loss:.3f})" if update.loss is not None else ""))
+
+    result = train(config, progress=progress)
+    summary = result.summary
+    record = {
+        "settings": settings, "adapter": str(result.adapter_path),
+        "train_minutes": summary["train_seconds"] / 60, "steps_done": result.steps,
+        "total_steps": summary["total_steps"], "kept_step": summary["steps"], "stopped_early": summary["stopped_early"],
+        "train_slices": summary["train_slices"], "val_slices": summary["val_slices"],
+        "val_dice": result.val_dice, "val_dice_classic": result.val_dice_classic,
+        "history": result.history,
+    }
+    _write_json(record_path, record)
+    return record
+
+
+def adapter_tiles(path) -> dict:
+    from SSAMSegmentLib.model.adapter import read_metadata
+
+    return read_metadata(Path(path)).get("tiles") or {}
+
+
+def held_out_overlap(path, case_ids) -> dict:
+    """The test cases an adapter's training summary lists among its training or validation cases, matched by case
+    name (the last part of the id): an adapter trained before the data's present layout (the shipped one saw Kvasir
+    images that are test images now, under polyp-train/) is caught too; so is an unrelated case of the same name."""
+    from SSAMSegmentLib.model.adapter import read_metadata
+
+    training = read_metadata(Path(path)).get("training") or {}
+    by_name = {case_id.rsplit("/", 1)[-1]: case_id for case_id in case_ids}
+
+    def seen(key):
+        return sorted(by_name[name] for name in {str(c).rsplit("/", 1)[-1] for c in training.get(key) or []}
+                      if name in by_name)
+
+    return {"trained_on": seen("train_cases"), "validated_on": seen("val_cases")}
+
+
+# --- test images ------------------------------------------------------------------------------------------------
+
+
+def held_out_cases(study: Study, data: Path):
+    """(case id, image path, {label: reference mask array}) for every test case, with the study's labels that the
+    case's own dataset annotates (a label it does not annotate is not scored, not counted as absent)."""
+    from SSAMSegmentLib.training.datasets import open_dataset
+
+    wanted = {label_key(name): name for name in study.labels}
+    for folder in study.test:
+        dataset = open_dataset(data / folder)
+        names = {name: wanted[label_key(name)] for name in dataset.label_names if label_key(name) in wanted}
+        if not names:
+            raise SSAMError(f"test set {data / folder} annotates none of {', '.join(study.labels)}; check the data")
+        for case in dataset.cases:
+            _, masks = case.load()
+            yield f"{folder}/{case.case_id}", case.image_path, {ours: masks[theirs] for theirs, ours in names.items()}
+
+
+def _slices(geometry, array):
+    canonical = geometry.canonical(np.asarray(array))
+    for index in range(geometry.num_slices):
+        yield index, geometry.slice_view(canonical, index)
+
+
+def _row(case_id, index, label, metrics, geometry):
+    return {"case": case_id, "slice": index if geometry.num_slices > 1 else None, "label": label, **metrics}
+
+
+def evaluate_adapter(adapter, cases, labels, log=_log) -> dict:
+    """Rows of per-image (per-slice) metrics of `adapter` segmenting every test case as `ssam segment` does."""
+    from SSAMSegmentLib.files.image_io import read_image
+    from SSAMSegmentLib.inference.slice_geometry import SliceGeometry
+    from SSAMSegmentLib.inference.slice_inference import segment_image
+    from SSAMSegmentLib.model.loading import load
+
+    model = load(adapter=adapter, merge=True)
+    rows, seconds, slices, untaught = [], 0.0, 0, set()
+    for case_id, image_path, references in cases:
+        image = read_image(image_path)
+        requested = [label for label in labels if label in references]
+        result = segment_image(model, image, requested)
+        seconds += result.seconds
+        slices += result.slices - result.skipped_slices
+        untaught.update(match.requested for match in result.label_status.values() if not match.taught)
+        masks = {match.requested: result.masks[match.name] for match in result.label_status.values()}
+        geometry = SliceGeometry.for_image(image, result.axis)
+        spacing = geometry.in_plane_spacing()
+        for label in requested:
+            predicted = sitk.GetArrayViewFromImage(masks[label])
+            for (index, p), (_, t) in zip(_slices(geometry, predicted), _slices(geometry, references[label])):
+                rows.append(_row(case_id, index, label, label_metrics(p, t, spacing), geometry))
+    log(f"  {len(rows)} scored images/slices, {slices} encoded in {seconds:.0f} s")
+    return {"rows": rows, "seconds": seconds, "encoded_slices": slices, "untaught": sorted(untaught)}
+
+
+def evaluate_box_prompt(base, cases, labels, log=_log) -> dict:
+    """Rows of the untuned base prompted with each present label's true box, per image (per slice of a volume, cut
+    as segment cuts it), at the image's native resolution."""
+    import torch
+
+    from SSAMSegmentLib.files.image_io import read_image
+    from SSAMSegmentLib.inference.box_prompt import box_prompt_masks, mask_box
+    from SSAMSegmentLib.inference.intensity import choose_mapping
+    from SSAMSegmentLib.inference.slice_geometry import SliceGeometry
+    from SSAMSegmentLib.model.loading import load
+
+    model = load(base=base, merge=True)
+    model.eval()
+    rows, start, slices = [], time.perf_counter(), 0
     with torch.inference_mode():
-        for row in range(len(bank)):
-            h, w = bank.content[row]
-            image = torch.from_numpy(np.asarray(bank.images[row])).float()[None]
-            inputs = (image - mean) / std
-            inputs[..., h:, :] = 0
-            inputs[..., :, w:] = 0
-            embedding = model.encode_images(inputs)
-            for index, name in enumerate(dataset.label_names):
-                truth = np.asarray(bank.masks[row, index, :h, :w]).astype(bool)
-                if not bank.scored[row, index] or not truth.any():
+        for case_id, image_path, references in cases:
+            image = read_image(image_path)
+            geometry = SliceGeometry.for_image(image)
+            mapping = choose_mapping(image)
+            spacing = geometry.in_plane_spacing()
+            source = geometry.canonical(sitk.GetArrayViewFromImage(image))
+            truths = {label: dict(_slices(geometry, references[label])) for label in labels if label in references}
+            for index in range(geometry.num_slices):
+                present = [label for label in truths if truths[label][index].any()]
+                if not present:
                     continue
-                box = torch.tensor([mask_box(truth)], dtype=torch.float32)
-                logits = model.decode(embedding, boxes=box)
-                logits = logits_to_slice(logits, model.image_size, (model.image_size, model.image_size),
-                                         (model.image_size, model.image_size))
-                predicted = (logits[0, 0, :h, :w] > 0).numpy()
-                scores[name].append(2 * (predicted & truth).sum() / (predicted.sum() + truth.sum()))
-    return {name: (float(np.mean(v)) if v else None) for name, v in scores.items()}
+                boxes = [mask_box(truths[label][index]) for label in present]
+                predicted = box_prompt_masks(model, mapping.apply(geometry.slice_view(source, index)), boxes, spacing)
+                slices += 1
+                for label, p in zip(present, predicted):
+                    rows.append(_row(case_id, index, label, label_metrics(p, truths[label][index], spacing), geometry))
+    seconds = time.perf_counter() - start
+    log(f"  {len(rows)} boxes on {slices} slices in {seconds:.0f} s")
+    return {"rows": rows, "seconds": seconds, "encoded_slices": slices, "untaught": []}
 
 
-def variant_name(tune, lr_singular_values):
-    return tune if lr_singular_values is None else f"{tune}-sv{lr_singular_values:g}"
+def cached_evaluation(path: Path, key: dict, evaluate) -> dict:
+    """The evaluation stored at `path` when it was made with `key` (adapter digest, test sets, labels), else a new
+    one."""
+    if path.is_file():
+        stored = json.loads(path.read_text())
+        if stored.get("key") == key:
+            return stored
+    value = dict(evaluate(), key=key)
+    _write_json(path, value)
+    return value
 
 
-def run(data: Path, work: Path, variants, epochs: int, batch: int, lr: float, seed: int):
-    """Train each (tune, lr of the singular values or None for lr) variant; a finished or interrupted run in `work`
-    is resumed, so the script can be re-run to add a variant."""
-    results = {}
-    for tune, lr_singular_values in variants:
-        name = variant_name(tune, lr_singular_values)
-        checkpoint = work / f"{name}.adapter.checkpoint.safetensors"
-        start = time.time()
-        config = TrainingConfig(data=[str(data / d) for d in TRAIN], val_data=[str(data / d) for d in VAL],
-                                labels=LABELS, output=str(work / f"{name}.adapter.safetensors"), base="litemedsam",
-                                epochs=epochs, batch_size=batch, lr=lr, lr_singular_values=lr_singular_values,
-                                seed=seed, tune=tune, resume=str(checkpoint) if checkpoint.exists() else None)
-        result = train(config, progress=lambda u: print(f"{name}: {u.message} step {u.step}/{u.total_steps} "
-                                                        f"loss {u.loss}", flush=True) if u.phase == "validate" else None)
-        results[name] = (result, result.summary.get("train_seconds") or time.time() - start)
-    return results
+def label_means(rows, labels) -> dict:
+    """label -> summarize_metrics of its rows (Dice in both readings, IoU, HD95, and their counts)."""
+    return {label: summarize_metrics([row for row in rows if row["label"] == label]) for label in labels}
 
 
-def _describe(name, lr):
-    if name == "norms":
-        return "norms-only"
-    return "S-SAM" + (f" (singular values at lr {name.split('-sv')[1]})" if "-sv" in name else "")
+# --- one study --------------------------------------------------------------------------------------------------
 
 
-def table(results, box, labels, command, epochs, lr):
-    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-    names = list(results)
-    header = "| label | " + " | ".join(f"{_describe(n, lr)} Dice | classic" for n in names) + " | box prompt classic |"
-    lines = [header, "|---|" + "---|---|" * len(names) + "---|"]
-    for label in labels:
-        cells = " | ".join(f"{fmt(results[n][0].val_dice.get(label))} | {fmt(results[n][0].val_dice_classic.get(label))}"
-                           for n in names)
-        lines.append(f"| {label} | {cells} | {fmt(box.get(label))} |")
-    best_epoch = lambda r: next((h["epoch"] for h in r.history if h.get("val_dice_per_label") == r.val_dice), None)  # noqa: E731
-    kept = ", ".join(f"{_describe(n, lr)}: epoch {best_epoch(results[n][0])}" for n in names)
-    times = ", ".join(f"{_describe(n, lr)} {results[n][1] / 60:.0f} min" for n in names)
-    return f"""# Fine-tuning: S-SAM against norms-only tuning and box prompts
+def run_study(study: Study, data: Path, work: Path, budget: float, seed: int = 0, base: str = "litemedsam",
+              adapters: Optional[Dict[str, str]] = None, tiles_off: bool = False, command: str = "", log=_log) -> dict:
+    """Train the study's runs, evaluate every column on its test images; the study's record (all numbers)."""
+    from SSAMSegmentLib.model.loading import resolve_adapter
 
-Real data from the shared folder, laid out by `scripts/build_default_training_data.py`: training on the
-TotalSegmentator CT and MR samples (predicted labels) and 4 Kvasir-SEG polyp images; validation on another CT
-(predicted labels), the dcmqi CT with manual liver and spine outlines, and the 5th polyp image. Labels: {', '.join(labels)}.
-All adapters: LiteMedSAM base, MiniLM text prompts, {epochs} epochs, lr {lr:g}, the same seed, batch and
-augmentation; they differ only in what is trained (and, where named, the singular values' learning rate). Each keeps
-its best epoch by validation Dice ({kept}). The box prompt is the untuned base given the bounding box of the true
-mask on each slice where the label is present.
+    extra = {name: resolve_adapter(path) for name, path in (adapters or {}).items()}
+    for name, path in extra.items():  # before hours of training, not after
+        if not path.is_file():
+            raise SSAMError(f"adapter {name}={path} does not exist; give an adapter file or 'default'")
+    data, work = Path(data), Path(work) / study.name
+    work.mkdir(parents=True, exist_ok=True)
+    cases = list(held_out_cases(study, data))
+    key = {"test": list(study.test), "labels": list(study.labels), "cases": [case_id for case_id, _, _ in cases]}
+    columns = {}
 
-"Dice" counts an empty prediction of an absent label as 1 (the S-SAM paper's reading); "classic" averages only over
-slices where the label is present, the only reading a box prompt has.
+    def add(name, title, evaluation, **extra):
+        means = label_means(evaluation["rows"], study.labels)
+        if name == BOX:  # given only where a label is present: no blank-is-1 reading
+            for values in means.values():
+                values["dice"] = None
+        if "adapter" in extra:
+            extra.update(held_out_overlap(extra["adapter"], key["cases"]))
+        columns[name] = {"title": title, "means": means,
+                         "test_seconds": evaluation["seconds"], "encoded_slices": evaluation["encoded_slices"],
+                         "untaught": evaluation["untaught"], "rows": evaluation["rows"], **extra}
 
-{chr(10).join(lines)}
+    runs = [SSAM, NORMS] + ([TILES_OFF] if tiles_off else [])
+    for run in runs:
+        if run is TILES_OFF and not columns[SSAM.key]["tiles"]:
+            columns[run.key] = {"title": run.title, "skipped": "the S-SAM run tiled no label, so tiles off is the "
+                                                               "same run"}
+            log(f"{study.name} / {run.title}: skipped ({columns[run.key]['skipped']})")
+            continue
+        training = train_run(study, run, data, work, budget, seed, base, log)
+        log(f"{study.name} / {run.title}: testing on {len(cases)} cases")
+        adapter = Path(training["adapter"])
+        evaluation = cached_evaluation(work / f"{run.key}.test.json", dict(key, adapter_sha256=_sha256(adapter)),
+                                       lambda: evaluate_adapter(adapter, cases, study.labels, log))
+        add(run.key, run.title, evaluation, adapter=str(adapter), training=training, tiles=adapter_tiles(adapter))
+    log(f"{study.name} / box prompt: testing")
+    evaluation = cached_evaluation(work / "box.test.json", dict(key, base=base),
+                                   lambda: evaluate_box_prompt(base, cases, study.labels, log))
+    add(BOX, "box prompt", evaluation, base=base)
+    for name, path in extra.items():
+        log(f"{study.name} / adapter {name}: testing")
+        evaluation = cached_evaluation(work / f"adapter-{name}.test.json", dict(key, adapter_sha256=_sha256(path)),
+                                       lambda: evaluate_adapter(path, cases, study.labels, log))
+        add(f"adapter:{name}", name, evaluation, adapter=str(path))
+    return {"name": study.name, "title": study.title, "about": study.about, "train": list(study.train),
+            "val": list(study.val) if study.val else None, "test": list(study.test), "labels": list(study.labels),
+            "test_cases": len(cases), "budget_minutes": budget, "seed": seed, "base": base, "command": command,
+            "date": datetime.date.today().isoformat(), "columns": columns}
 
-Command ({time.strftime('%Y-%m-%d')}, 2-core CPU shared with other jobs):
 
-```
-{command}
-```
+# --- the docs section -------------------------------------------------------------------------------------------
 
-Training time: {times}. This is a small study (54 training slices, 24 validation slices): it shows the method
-working on real data end to end, not the paper's figures.
-"""
+
+def _number(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def study_markdown(record: dict) -> str:
+    """One study's subsection: what trained and tested, the table of mean Dice per label, the runs' training."""
+    scored = {name: column for name, column in record["columns"].items() if "means" in column}
+    header, rule = ["label"], ["---"]
+    for name, column in scored.items():
+        if name == BOX:
+            header.append("box prompt classic")
+            rule.append("---")
+        else:
+            header += [f"{column['title']} Dice", "classic"]
+            rule += ["---", "---"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(rule) + "|"]
+    labels = record["labels"]
+    for label in labels + (["mean over labels"] if len(labels) > 1 else []):
+        cells = [label]
+        for name, column in scored.items():
+            if label in column["means"]:
+                means = column["means"][label]
+                values = [means["dice_classic"]] if name == BOX else [means["dice"], means["dice_classic"]]
+            else:  # the mean over the labels scored
+                readings = ["dice_classic"] if name == BOX else ["dice", "dice_classic"]
+                values = [_mean_of([column["means"][l][reading] for l in labels]) for reading in readings]
+            cells += [_number(value) for value in values]
+        lines.append("| " + " | ".join(cells) + " |")
+    first = next(iter(scored.values()))
+    counts = ", ".join(f"{label} {first['means'][label]['cases']} ({first['means'][label]['dice_classic_cases']} "
+                       f"where present)" for label in labels)
+    runs = []
+    for name, column in record["columns"].items():
+        if "skipped" in column:
+            runs.append(f"{column['title']}: not trained ({column['skipped']})")
+        elif "training" in column:
+            training = column["training"]
+            stop = ", stopped early" if training["stopped_early"] else ""
+            kept = (f"kept step {training['kept_step']} (best validation Dice)" if training["val_slices"]
+                    else "no validation: the last step kept")
+            runs.append(f"{column['title']}: {training['steps_done']} of {training['total_steps']} steps{stop}, "
+                        f"{kept}, {training['train_minutes']:.1f} min")
+    notes = [f"{column['title']} was never taught {', '.join(column['untaught'])} (a guess)"
+             for column in scored.values() if column["untaught"]]
+    for column in scored.values():
+        for key, verb in (("trained_on", "trained"), ("validated_on", "chose its kept step")):
+            if column.get(key):
+                notes.append(f"{column['title']} {verb} on {len(column[key])} of these test cases (by name: "
+                             f"{', '.join(column[key][:3])}{' ...' if len(column[key]) > 3 else ''})")
+    val = ", ".join(record["val"]) if record["val"] else "a seeded split of the training cases"
+    return "\n".join([
+        f"### {record['title']}",
+        "",
+        f"Train: {', '.join(record['train'])}; validation: {val}; test: {', '.join(record['test'])} "
+        f"({record['test_cases']} cases). {record['about']}",
+        "",
+        "\n".join(lines),
+        "",
+        f"Scored test images/slices per label: {counts}. Training (budget {record['budget_minutes']:g} min, seed "
+        f"{record['seed']}): {'; '.join(runs)}." + (f" Note: {'; '.join(notes)}." if notes else ""),
+        "",
+        f"Command ({record['date']}): `{record['command']}`",
+    ])
+
+
+def _mean_of(values):
+    values = [value for value in values if value is not None]
+    return float(np.mean(values)) if values else None
+
+
+SECTION_INTRO = """Written by `benchmarks/compare_tuning.py` (its docstring says how); everything after this
+section is hand-written. Per dataset: S-SAM with the default recipe and norms-only tuning (the singular values
+frozen), each given the same `--budget` of training minutes and the same seed; the untuned base prompted with the true
+mask's bounding box; any other adapter named. All are tested on images that the runs trained here neither trained nor
+validated on (another adapter's overlap with them is noted), segmented as `ssam segment` does (whole image, native
+resolution). "Dice" counts an empty prediction of an absent label as 1 (the S-SAM paper's reading), "classic"
+averages over images (slices) where the label is present only; the box prompt, given only where a label is present,
+has only the classic reading. Means per label over the test images."""
+
+
+def write_docs(records: Dict[str, dict], docs: Path, command: str, threads: int):
+    ordered = [records[name] for name in STUDIES if name in records] + \
+              [record for name, record in records.items() if name not in STUDIES]
+    body = "\n\n".join([SECTION_INTRO] + [study_markdown(record) for record in ordered])
+    bench_common.write_section(docs, SECTION, "Per-dataset study: S-SAM, norms-only and the box prompt on test "
+                               "images (generated)", body, threads, command=command)
+
+
+def load_results(work: Path) -> dict:
+    path = Path(work) / RESULTS_NAME
+    return json.loads(path.read_text()) if path.is_file() else {"studies": {}}
+
+
+def save_results(work: Path, results: dict):
+    _write_json(Path(work) / RESULTS_NAME, results)
+
+
+def _adapter_argument(text):
+    name, _, path = text.partition("=")
+    if not name.strip() or not path.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=PATH; write e.g. shipped=default or "
+                                         f"mine=my.adapter.safetensors")
+    return name.strip(), path.strip()
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("data", type=Path, help="the folder written by scripts/build_default_training_data.py")
-    parser.add_argument("--work", type=Path, default=Path("/tmp/ssam-compare"))
-    parser.add_argument("--epochs", type=int, default=6)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/ssam-compare"),
+                        help="runs, checkpoints, evaluations and compare_tuning.json (reused on the next call)")
+    parser.add_argument("--studies", nargs="+", choices=list(STUDIES), default=list(STUDIES))
+    parser.add_argument("--budget", type=float, required=True, help="training minutes of each trained run")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--ssam-lr-singular-values", type=lambda v: None if v == "lr" else float(v), nargs="+",
-                        default=[None], help="S-SAM variants: the singular values' learning rate ('lr': the same)")
-    parser.add_argument("--output", type=Path, default=REPO / "docs" / "fine_tuning.md")
+    parser.add_argument("--base", default="litemedsam", help="base model of the trained runs and the box prompt")
+    parser.add_argument("--adapter", type=_adapter_argument, action="append", default=[], metavar="NAME=PATH",
+                        help="also test this adapter ('default': the shipped one); repeatable")
+    parser.add_argument("--tiles-off", action="store_true", help="also train S-SAM with tiles='off'")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    parser.add_argument("--docs", type=Path, default=DOCS, help="markdown file whose generated section is replaced")
+    parser.add_argument("--no-docs", action="store_true", help="write the JSON only")
     args = parser.parse_args()
-    torch.set_num_threads(2)
-    command = "python benchmarks/compare_tuning.py " + " ".join(sys.argv[1:])
-    variants = [("ssam", value) for value in args.ssam_lr_singular_values] + [("norms", None)]
-    results = run(args.data, args.work, variants, args.epochs, args.batch_size, args.lr, args.seed)
-    box = box_baseline(args.data, LABELS)
-    text = table(results, box, LABELS, command, args.epochs, args.lr)
-    args.output.write_text(text)
-    print(text)
+    bench_common.set_threads(args.threads)
+    command = bench_common.command_line()
+    missing = [name for study in args.studies for name in STUDIES[study].train + STUDIES[study].test
+               + (STUDIES[study].val or ()) if not (args.data / name).is_dir()]
+    if missing:
+        raise SystemExit(f"compare_tuning: {', '.join(missing)} missing in {args.data}; build it with "
+                         f"python scripts/build_default_training_data.py {args.data}")
+    args.work.mkdir(parents=True, exist_ok=True)
+    results = load_results(args.work)
+    for name in args.studies:
+        try:
+            record = run_study(STUDIES[name], args.data, args.work, args.budget, args.seed, args.base,
+                               dict(args.adapter), args.tiles_off, command)
+        except Cancelled:  # the trainer saved a checkpoint: this script resumes it, no --resume needed
+            raise SystemExit(f"compare_tuning: interrupted during {name}; run the same command again to resume") \
+                from None
+        except SSAMError as error:
+            raise SystemExit(f"compare_tuning: {error}") from None
+        results["studies"][name] = record
+        save_results(args.work, results)  # after every study: an interrupted call keeps the studies done
+        print(study_markdown(record), flush=True)
+    if not args.no_docs:
+        write_docs(results["studies"], args.docs, command, args.threads)
 
 
 if __name__ == "__main__":

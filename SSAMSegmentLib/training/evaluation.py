@@ -359,7 +359,9 @@ def _mean(values) -> Optional[float]:
     return float(np.mean(values)) if values else None
 
 
-def _summary(rows: Sequence[dict]) -> dict:
+def summarize_metrics(rows: Sequence[dict]) -> dict:
+    """Means of label_metrics rows (one per case and label, or per slice): each metric averaged over the rows where it
+    is defined, with how many those were."""
     return OrderedDict(
         cases=len(rows),
         dice=_mean(r["dice"] for r in rows),
@@ -448,8 +450,8 @@ def evaluate(prediction, reference, label_map=None) -> dict:
     return OrderedDict(
         prediction=str(prediction), reference=str(reference), conventions=CONVENTIONS, cases=cases,
         unmatched=unmatched,
-        summary=OrderedDict((label, _summary(rows)) for label, rows in by_label.items()),
-        overall=_summary([m for rows in by_label.values() for m in rows]),
+        summary=OrderedDict((label, summarize_metrics(rows)) for label, rows in by_label.items()),
+        overall=summarize_metrics([m for rows in by_label.values() for m in rows]),
     )
 
 

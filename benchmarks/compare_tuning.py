@@ -4,6 +4,7 @@ no run trained or validated on. Writes the generated section of docs/fine_tuning
     python scripts/build_default_training_data.py /tmp/dd
     python benchmarks/compare_tuning.py /tmp/dd --work /tmp/compare --budget 45 [--studies polyp gland]
         [--adapter shipped=default] [--tiles-off]
+    python benchmarks/compare_tuning.py /tmp/dd --adapter shipped=default   # no --budget: evaluation only
 
 One study per real dataset (STUDIES; the folder names are those scripts/build_default_training_data.py writes):
 polyp (Kvasir-SEG), gland (GlaS), nucleus-he (MoNuSeg H&E, test slides not trained on), ct (TotalSegmentator CT + MR,
@@ -323,7 +324,8 @@ def run_study(study: Study, data: Path, work: Path, budget: float, seed: int = 0
                          "test_seconds": evaluation["seconds"], "encoded_slices": evaluation["encoded_slices"],
                          "untaught": evaluation["untaught"], "rows": evaluation["rows"], **extra}
 
-    runs = [SSAM, NORMS] + ([TILES_OFF] if tiles_off else [])
+    # budget None: no runs trained here, only the box prompt and the adapters named (evaluation only)
+    runs = [] if budget is None else [SSAM, NORMS] + ([TILES_OFF] if tiles_off else [])
     for run in runs:
         if run is TILES_OFF and not columns[SSAM.key]["tiles"]:
             columns[run.key] = {"title": run.title, "skipped": "the S-SAM run tiled no label, so tiles off is the "
@@ -412,8 +414,10 @@ def study_markdown(record: dict) -> str:
         "",
         "\n".join(lines),
         "",
-        f"Scored test images/slices per label: {counts}. Training (budget {record['budget_minutes']:g} min, seed "
-        f"{record['seed']}): {'; '.join(runs)}." + (f" Note: {'; '.join(notes)}." if notes else ""),
+        f"Scored test images/slices per label: {counts}. "
+        + (f"Training (budget {record['budget_minutes']:g} min, seed {record['seed']}): {'; '.join(runs)}."
+           if record["budget_minutes"] is not None else "No runs trained here (evaluation only).")
+        + (f" Note: {'; '.join(notes)}." if notes else ""),
         "",
         f"Command ({record['date']}): `{record['command']}`",
     ])
@@ -465,7 +469,8 @@ def main():
     parser.add_argument("--work", type=Path, default=Path("/tmp/ssam-compare"),
                         help="runs, checkpoints, evaluations and compare_tuning.json (reused on the next call)")
     parser.add_argument("--studies", nargs="+", choices=list(STUDIES), default=list(STUDIES))
-    parser.add_argument("--budget", type=float, required=True, help="training minutes of each trained run")
+    parser.add_argument("--budget", type=float, help="training minutes of each trained run (S-SAM, norms-only); "
+                                                     "without it nothing is trained: the box prompt and --adapter only")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--base", default="litemedsam", help="base model of the trained runs and the box prompt")
     parser.add_argument("--adapter", type=_adapter_argument, action="append", default=[], metavar="NAME=PATH",

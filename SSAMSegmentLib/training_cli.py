@@ -68,6 +68,11 @@ def add_arguments(parser):
                         help="auto: labels whose structures would be a few pixels across in the whole image at the "
                              "model's input train and segment in native-resolution tiles (stored in the adapter); "
                              "off: whole images always")
+    parser.add_argument("--context", dest="neighbour_slices", action="store_true",
+                        help="2.5D: the model's three input channels carry slices k-1, k, k+1 of 3D images instead "
+                             "of slice k three times (recorded in the adapter; segmenting then does the same); 2D and "
+                             "RGB images are unaffected. Off by default until measured (docs/fine_tuning.md). Not "
+                             "ssam segment --context, which post-processes masks across slices")
     parser.add_argument("--keep-largest", action="append", metavar="LABEL",
                         help="a label that is one connected organ (e.g. liver): segmenting keeps only its largest 3D "
                              "component; repeat for several")
@@ -93,7 +98,8 @@ def run(args) -> int:
         micro_batch=args.micro_batch, lr=args.lr, lr_singular_values=args.lr_singular_values, patience=args.patience,
         val_fraction=args.val_fraction, val_data=args.val_data, seed=args.seed, resume=args.resume, device=args.device, axis=args.axis,
         balanced=args.balanced, augment=not args.no_augment, tiles=args.tiles, tune=args.tune,
-        image_size=args.image_size, keep_largest=args.keep_largest, overwrite=args.overwrite,
+        image_size=args.image_size, keep_largest=args.keep_largest, neighbour_slices=args.neighbour_slices,
+        overwrite=args.overwrite,
     )
     metrics, curves = report_paths(args.output)
     config.check().check_outputs(also=(metrics, curves))  # before the data is read or the model loaded

@@ -18,6 +18,7 @@ from ..errors import Cancelled, SSAMError
 from ..files.image_io import check_image
 from .box_prompt import mask_box
 from .intensity import choose_mapping, has_signal
+from .neighbour_slices import slice_pixels, uses_neighbours
 from .physical_prompts import PhysicalPrompt, to_slice_prompt
 from .preprocessing import logits_to_slice, model_coordinates, to_model_input
 from .slice_geometry import SliceGeometry
@@ -62,13 +63,13 @@ class _SliceDecoder:
         self.source = geometry.canonical(sitk.GetArrayViewFromImage(image))
         self.token, self.logit_threshold = token, logit_threshold
         self.spacing = geometry.in_plane_spacing()
+        self.neighbours = uses_neighbours(model)  # the same input channels as segmenting (neighbour_slices.py)
 
     def __call__(self, index, box=None, points=None, point_labels=None):
         """(mask, predicted IoU) of slice `index` in slice_view pixels; None for a slice without signal."""
-        view = self.geometry.slice_view(self.source, index)
-        if not has_signal(view):
+        if not has_signal(self.geometry.slice_view(self.source, index)):
             return None
-        model, rgb = self.model, self.mapping.apply(view)
+        model, rgb = self.model, slice_pixels(self.geometry, self.source, self.mapping, index, self.neighbours)
         height, width = rgb.shape[:2]
         pixels = torch.from_numpy(rgb).permute(2, 0, 1)[None].to(model.device)
         inputs, content = to_model_input(pixels, model.image_size, model.pixel_mean, model.pixel_std, self.spacing)

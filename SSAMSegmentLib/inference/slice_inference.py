@@ -2,8 +2,9 @@
 
 Per image: one intensity mapping, one slicing geometry, each label's prompt token computed once. The slices are
 encoded in rounds (sparse_slices.py): sparse probes, then every slice near a probe that found some label; the rest
-keep an empty mask. Per slice: the image encoder runs once, the mask decoder once per label (all labels in one
-batch), in the model's precision (devices.inference_precision); the logits are brought back to the slice's own size
+keep an empty mask. Per slice: its three input channels (the slice itself, or slices k-1, k, k+1 for an adapter
+trained with --context: neighbour_slices.py), the image encoder once, the mask decoder once per label (all labels in
+one batch), in the model's precision (devices.inference_precision); the logits are brought back to the slice's own size
 and stored as int8 tenths of a logit in the array that becomes the label's uint8 mask; the decoder's predicted IoU is
 kept per slice and label as a confidence. After the loop volume_context.py turns the logits into masks using the
 neighbouring slices. Only the current slices and their embeddings are in memory, never a float copy of the volume;
@@ -24,6 +25,7 @@ from ..model.devices import autocast
 from ..errors import Cancelled, SSAMError
 from ..files.image_io import check_image
 from .intensity import choose_mapping, has_signal
+from .neighbour_slices import slice_pixels, uses_neighbours
 from . import tiling
 from .preprocessing import logits_to_slice, to_model_input
 from .slice_geometry import SliceGeometry
@@ -186,6 +188,7 @@ def slice_logits(model, image: sitk.Image, requested, axis: str = "auto", intens
     tokens = model.prompt_tokens(model.text_embeddings(names))  # (N, 1, 256), once per image
     batch_size = batch_size or default_batch_size(device)
     tiles = tiling.label_records(model, names)  # per label: None (whole image) or its TileRecord from the adapter
+    neighbours = uses_neighbours(model)  # the adapter's input: slices k-1, k, k+1 (neighbour_slices.py)
 
     source = geometry.canonical(sitk.GetArrayViewFromImage(image))
     outputs = [new_logit_volume(geometry.shape) for _ in names]  # int8 logits, later the masks in place
@@ -200,9 +203,8 @@ def slice_logits(model, image: sitk.Image, requested, axis: str = "auto", intens
                 _check_cancel(cancel)
                 batch = []
                 for index in indices[first:first + batch_size]:
-                    view = geometry.slice_view(source, index)
-                    if has_signal(view):
-                        batch.append((index, mapping.apply(view)))
+                    if has_signal(geometry.slice_view(source, index)):
+                        batch.append((index, slice_pixels(geometry, source, mapping, index, neighbours)))
                     else:
                         without_signal += 1
                 if batch:

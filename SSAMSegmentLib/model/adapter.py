@@ -11,14 +11,17 @@ from pathlib import Path
 from ..files.atomic_file import atomic_output
 from ..errors import SSAMError
 
-FORMAT_VERSION = 1
+# The newest format this version reads. An adapter is written with the lowest version that describes it, so that
+# older SSAM Segment refuses ("update SSAM Segment") only what it would misread: version 2 adds "neighbour_slices"
+# (the input channels are slices k-1, k, k+1); an older reader would feed such an adapter slice k three times.
+FORMAT_VERSION = 2
 LABELS_KEY = "labels.embeddings"
 
 
 def _metadata(model, training_summary):
     return {
         "format": "ssam-adapter",
-        "format_version": FORMAT_VERSION,
+        "format_version": 2 if model.neighbour_slices else 1,
         "base": model.spec.id,
         "base_sha256": model.base_sha256,
         "image_size": model.image_size,
@@ -30,6 +33,8 @@ def _metadata(model, training_summary):
         "keep_largest": list(model.keep_largest),
         # labels segmented in native-resolution tiles (inference/tiling.py); absent: whole-image context for all
         "tiles": {label: record.to_json() for label, record in sorted(getattr(model, "tile_records", {}).items())},
+        # the input channels are slices k-1, k, k+1 of a 3D image (inference/neighbour_slices.py); false: slice k
+        "neighbour_slices": bool(model.neighbour_slices),
         "training": training_summary or {},
     }
 
@@ -116,6 +121,15 @@ def check_compatible(metadata: dict, model, path) -> None:
             )
 
 
+def _neighbour_slices_of(metadata: dict, path) -> bool:
+    """Whether the adapter was trained on neighbouring slices (absent in adapters from before ssam train --context)."""
+    value = metadata.get("neighbour_slices", False)
+    if not isinstance(value, bool):
+        raise SSAMError(f"adapter {Path(path).name}: 'neighbour_slices' is {value!r}, not true or false; the file is "
+                        f"damaged, re-export or retrain it")
+    return value
+
+
 def load_adapter(model, path) -> dict:
     """Load an adapter into `model` (replacing its trainable tensors and known labels); returns the metadata."""
     import torch
@@ -161,5 +175,6 @@ def load_adapter(model, path) -> dict:
     model.tile_records = records_from_metadata(metadata)
     model.adapter_metadata = metadata
     model.keep_largest = [str(name) for name in metadata.get("keep_largest", [])]
+    model.neighbour_slices = _neighbour_slices_of(metadata, path)
     model.adapter_path = Path(path)  # what a DICOM SEG names (and hashes) as the algorithm's adapter
     return metadata

@@ -1,5 +1,7 @@
 """Training and validation slices, prepared once: each case is cut into slices exactly as inference cuts it
-(slice_geometry + intensity), resized to the model's input size and kept as uint8 with one 0/1 mask per label.
+(slice_geometry + intensity + neighbour_slices), resized to the model's input size and kept as uint8 with one 0/1
+mask per label. With `neighbours` (ssam train --context) a 3D case's three channels are slices k-1, k, k+1, as the
+adapter will see them when segmenting; 2D and RGB cases keep their own channels.
 
 A sample of S-SAM is a (slice, label name, mask) triple for every label, absent labels giving empty masks. The bank
 holds slices with all their labels' masks, so a training step encodes a slice once and decodes all its labels.
@@ -17,6 +19,7 @@ import torch.nn.functional as F
 
 from ..errors import Cancelled
 from ..inference.intensity import choose_mapping, has_signal
+from ..inference.neighbour_slices import slice_pixels
 from ..inference.preprocessing import resize_to_model
 from ..inference.slice_geometry import SliceGeometry
 from ..inference.tiling import blend_weights
@@ -26,7 +29,7 @@ IN_MEMORY_LIMIT = 2 << 30  # bytes of slices kept in RAM before the bank moves t
 
 @dataclasses.dataclass
 class SliceBank:
-    images: np.ndarray  # uint8 (N, 3, S, S), resized content at the top-left, zeros elsewhere
+    images: np.ndarray  # uint8 (N, 3, S, S), resized content at the top-left, zeros elsewhere; channels as above
     masks: np.ndarray  # uint8 (N, L, S, S)
     content: np.ndarray  # int (N, 2): (h, w) of the content
     case_index: np.ndarray  # int (N,)
@@ -43,16 +46,16 @@ class SliceBank:
         return self.masks.reshape(len(self.masks), len(self.label_names), -1).any(axis=2)
 
 
-def _case_slices(image: sitk.Image, masks, axis: str):
+def _case_slices(image: sitk.Image, masks, axis: str, neighbours: bool = False):
     geometry = SliceGeometry.for_image(image, axis)
     mapping = choose_mapping(image)
     source = geometry.canonical(sitk.GetArrayViewFromImage(image))
     mask_views = [geometry.canonical(mask) for mask in masks.values()]
     spacing = geometry.in_plane_spacing()
     for index in range(geometry.num_slices):
-        view = geometry.slice_view(source, index)
-        if has_signal(view):
-            yield mapping.apply(view), [geometry.slice_view(m, index) for m in mask_views], spacing
+        if has_signal(geometry.slice_view(source, index)):
+            yield (slice_pixels(geometry, source, mapping, index, neighbours),
+                   [geometry.slice_view(m, index) for m in mask_views], spacing)
 
 
 def _resize(rgb: np.ndarray, label_masks: Sequence[np.ndarray], image_size: int, spacing):
@@ -78,9 +81,10 @@ def _crops(rgb, label_masks, record):
 
 
 def build_slice_bank(cases, label_names, image_size: int, axis: str = "auto", progress=None, cancel=None,
-                     spill_dir: Optional[str] = None, tile_record_of=None) -> SliceBank:
+                     spill_dir: Optional[str] = None, tile_record_of=None, neighbours: bool = False) -> SliceBank:
     """Cut every case into slices (one case in memory at a time); `progress(fraction, message)` per case.
-    `tile_record_of(case)`: a TileRecord to cut that case's slices into native-resolution tiles, or None."""
+    `tile_record_of(case)`: a TileRecord to cut that case's slices into native-resolution tiles, or None.
+    `neighbours`: the channels of a 3D grey case are slices k-1, k, k+1 (inference/neighbour_slices.py)."""
     images, masks, contents, owners, scored = [], [], [], [], []
     per_slice = (3 + len(label_names)) * image_size * image_size
     store = None
@@ -92,7 +96,7 @@ def build_slice_bank(cases, label_names, image_size: int, axis: str = "auto", pr
         annotated = case.annotated
         case_scored = [annotated is None or name in annotated for name in label_names]
         record = tile_record_of(case) if tile_record_of else None
-        for whole_rgb, whole_masks, spacing in _case_slices(image, case_masks, axis):
+        for whole_rgb, whole_masks, spacing in _case_slices(image, case_masks, axis, neighbours):
             for rgb, label_masks in _crops(whole_rgb, whole_masks, record):
                 resized_image, resized_masks, content = _resize(rgb, label_masks, image_size, spacing)
                 images.append(resized_image)

@@ -68,6 +68,10 @@ class TrainingConfig:
     tune: str = "ssam"  # "ssam": the full S-SAM set; "norms": a, b frozen (the paper's ablation baseline)
     keep_largest: Optional[List[str]] = None  # labels that are one connected organ, recorded in the adapter
     tiles: str = "auto"  # "auto": native-resolution tiles for labels with small structures (tile_plan.py); "off"
+    # --context: a 3D case's input channels are slices k-1, k, k+1 (inference/neighbour_slices.py), recorded in the
+    # adapter so segmenting feeds the same; 2D and RGB cases are unaffected. Off by default until measured
+    # (benchmarks/measure_context.py).
+    neighbour_slices: bool = False
     overwrite: bool = False  # replace an existing adapter and checkpoint (resuming a run's own checkpoint does)
 
     def check(self) -> "TrainingConfig":
@@ -122,6 +126,8 @@ class TrainingConfig:
             raise SSAMError(f"unknown tiles setting '{self.tiles}'; use auto or off")
         if self.axis not in AXES:
             raise SSAMError(f"unknown slice axis '{self.axis}'; use one of: {', '.join(AXES)}")
+        if not isinstance(self.neighbour_slices, bool):
+            raise SSAMError(f"neighbour_slices {self.neighbour_slices!r} must be True or False (ssam train --context)")
         if self.resume and not Path(self.resume).expanduser().is_file():
             raise SSAMError(f"checkpoint {self.resume} does not exist; give the .checkpoint.safetensors file a run "
                             f"left behind")
@@ -153,7 +159,10 @@ class TrainingConfig:
         keys = ("base", "text_encoder", "batch_size", "lr", "lr_singular_values", "weight_decay", "seed", "axis",
                 "balanced", "augment", "image_size", "val_fraction", "tune", "steps", "epochs", "budget_minutes",
                 "max_steps", "patience")
-        return {key: getattr(self, key) for key in keys}
+        fingerprint = {key: getattr(self, key) for key in keys}
+        if self.neighbour_slices:  # only when on: checkpoints from before --context resume as they did
+            fingerprint["neighbour_slices"] = True
+        return fingerprint
 
 
 @dataclasses.dataclass
@@ -533,6 +542,7 @@ def train(config: TrainingConfig, progress: Optional[Callable[[TrainingProgress]
     text = model.text_embeddings(labels)  # encoded once; stored in the adapter
     model.labels.mark_taught(labels)
     model.keep_largest = list(config.keep_largest or [])
+    model.neighbour_slices = config.neighbour_slices  # saved in the adapter: segmenting feeds the same channels
     if config.tune == "norms":
         model.freeze_singular_values()
 
@@ -545,7 +555,8 @@ def train(config: TrainingConfig, progress: Optional[Callable[[TrainingProgress]
         def step(fraction, message):
             report(TrainingProgress(0, 0, 0, 0, None, None, None, f"{what}: {message}", phase="prepare"))
         return build_slice_bank(cases, labels, model.image_size, config.axis, progress=step, cancel=cancel,
-                                tile_record_of=lambda case: case_record(case, tile_plan, labels))
+                                tile_record_of=lambda case: case_record(case, tile_plan, labels),
+                                neighbours=config.neighbour_slices)
 
     train_bank = prepare(train_cases, "preparing training slices")
     val_bank = prepare(val_cases, "preparing validation slices") if rank == 0 else None
@@ -758,6 +769,7 @@ def _summary(config, dataset, state, best, train_bank, val_bank, started):
         "tune": config.tune,
         "balanced": state["balanced"],
         "tiles": config.tiles,
+        "neighbour_slices": config.neighbour_slices,
         "patience": config.patience,
         "budget_minutes": config.budget_minutes,
         "seed": config.seed,

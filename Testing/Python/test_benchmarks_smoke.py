@@ -70,3 +70,40 @@ def test_volume_context_measurement_on_the_three_slice_ct(data_dir, tmp_path):
     output = _run("measure_volume_context.py", str(data_dir), "--cases", "dcmqi", docs=docs)
     body = _section(docs, "volume-context")
     assert "slices alone" in body and "default: " in body and "dcmqi (manual liver): liver" in output
+
+
+def _ct_folder(root, cases, labels):
+    """An nnU-Net folder of small synthetic CTs (test_datasets.synthetic_ct) named like the ones
+    scripts/build_default_training_data.py lays out."""
+    import json
+
+    from test_datasets import synthetic_ct, to_image, write
+
+    for index, case_id in enumerate(cases):
+        ct, labelmap = synthetic_ct(index)
+        write(to_image(ct), root / "imagesTr" / f"{case_id}_0000.nii.gz")
+        labelmap[labelmap >= len(labels)] = 0  # the values the folder does not annotate
+        write(to_image(labelmap), root / "labelsTr" / f"{case_id}.nii.gz")
+    (root / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "labels": labels,
+                                                   "numTraining": len(cases), "file_ending": ".nii.gz"}))
+
+
+@pytest.mark.slow  # two short trainings
+def test_context_measurement_on_synthetic_ct(tmp_path):
+    data = tmp_path / "dd"
+    organs = {"background": 0, "liver": 1, "spleen": 2, "kidney": 3}
+    _ct_folder(data / "ct-mr", ["ct", "mr"], organs)
+    _ct_folder(data / "val-ct", ["ct_dicom"], organs)
+    _ct_folder(data / "val-dcmqi", ["dcmqi"], {"background": 0, "liver": 1})
+    docs = tmp_path / "benchmarks.md"
+    output = _run("measure_context.py", str(data), "--work", str(tmp_path / "work"), "--base", "test-vit",
+                  "--budget", "5", "--max-steps", "2", docs=docs)
+    body = _section(docs, "context")
+    for row in ("| single slice |", "| neighbour slices (--context) |"):
+        assert row in body
+    assert "val-ct: kidney" in body and "val-dcmqi: liver" in body and "val-dcmqi: spleen" not in body
+    assert "val-dcmqi/dcmqi neighbour slices (--context): liver" in output
+    from SSAMSegmentLib.model.adapter import read_metadata
+
+    assert read_metadata(tmp_path / "work" / "context.adapter.safetensors")["neighbour_slices"] is True
+    assert read_metadata(tmp_path / "work" / "single.adapter.safetensors")["neighbour_slices"] is False

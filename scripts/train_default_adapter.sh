@@ -13,7 +13,7 @@ COMMAND=(.venv/bin/ssam train "$DATA/ct-mr" "$DATA/polyp-train" "$DATA/gland-tra
          --val-data "$DATA/val-ct" "$DATA/val-dcmqi" "$DATA/polyp-val" "$DATA/gland-val" "$DATA/nuclei-val"
          "$DATA/nuclei-he-val"
          --output Resources/Models/ssam-default.adapter.safetensors --seed 0 --overwrite
-         --keep-largest liver --keep-largest spleen)  # the default recipe (docs/fine_tuning.md)
+         --keep-largest liver --keep-largest spleen --budget 100)  # the default recipe in 100 minutes (docs/fine_tuning.md)
 "${COMMAND[@]}"
 .venv/bin/python scripts/write_model_card.py Resources/Models/ssam-default.adapter.safetensors \
     Resources/Models/ssam-default.md --command "${COMMAND[*]}"

@@ -30,7 +30,7 @@ def _fmt(value):
 
 
 def _settings(training: dict) -> str:
-    parts = [f"tuned: {training.get('tune', 'ssam')}", f"batch {training.get('batch_size')} slices (each with all its labels)",
+    parts = [f"tuned: {training.get('tune', 'ssam')}", f"batch {training.get('batch_size')} slices (each with the labels its dataset annotates)",
              f"AdamW lr {training.get('lr')}"]
     if training.get("lr_singular_values") is not None:
         parts.append(f"lr {training['lr_singular_values']} for the singular values' scales and shifts")
@@ -44,7 +44,53 @@ def _settings(training: dict) -> str:
     return ", ".join(parts)
 
 
-def card(adapter: Path, command: str) -> str:
+TRUST_BELOW = 0.5  # a label whose validation Dice (where present) is below this is listed as not to be trusted
+
+
+def _untrusted(meta: dict) -> str:
+    classic = (meta.get("training") or {}).get("val_dice_classic_per_label") or {}
+    weak = [f"{label} ({classic[label]:.3f})" for label in meta["labels"]
+            if classic.get(label) is not None and classic[label] < TRUST_BELOW]
+    unmeasured = [label for label in meta["labels"] if classic.get(label) is None]
+    lines = []
+    if weak:
+        lines.append(f"- **Learnt poorly** (validation Dice below {TRUST_BELOW} where present): {', '.join(weak)}. "
+                     "An empty mask of these labels is not evidence that the structure is absent.")
+    if unmeasured:
+        lines.append(f"- **Never present in the validation data**, so unmeasured: {', '.join(unmeasured)}.")
+    lines.append("- CT and MR labels were learnt from another model's predictions on three small volumes; any CT or MR "
+                 "that differs (contrast phase, field of view, scanner) is outside what it has seen.")
+    lines.append("- Histology: H&E only, at the magnification of GlaS and MoNuSeg; other stains are outside it.")
+    return "\n".join(lines)
+
+
+def _test_section(results: Path, column: str) -> str:
+    """Per study, the adapter's mean Dice on the test images of benchmarks/compare_tuning.py (its JSON)."""
+    import json
+
+    studies = json.loads(results.read_text())["studies"]
+    rows = []
+    for study in studies.values():
+        means = study["columns"].get(f"adapter:{column}", {}).get("means")
+        box = study["columns"].get("box", {}).get("means", {})
+        for label, values in (means or {}).items():
+            rows.append(f"| {study['title']} | {', '.join(study['test'])} | {label} | {_fmt(values['dice'])} | "
+                        f"{_fmt(values['dice_classic'])} | {_fmt(box.get(label, {}).get('dice_classic'))} | "
+                        f"{values['cases']} |")
+    return f"""
+## Test Dice (benchmarks/compare_tuning.py)
+Segmented as `ssam segment` does (whole image at native resolution; volumes per slice along the chosen axis), per
+image or slice. Kvasir's 200 test images were neither trained nor validated on; the other test sets are the
+validation sets above (never trained on, but the kept step was chosen on them). "box" is the untuned base given the
+true mask's bounding box, an expert's upper reference.
+
+| study | test data | label | Dice | classic Dice | box prompt classic | images/slices |
+|---|---|---|---|---|---|---|
+{chr(10).join(rows)}
+"""
+
+
+def card(adapter: Path, command: str, test_results=None, test_column="new") -> str:
     meta = read_metadata(adapter)
     training = meta.get("training") or {}
     blank = training.get("val_dice_per_label") or {}
@@ -82,8 +128,12 @@ over slices where the label is present (`-`: never present in the validation dat
 |---|---|---|
 {rows}
 
-Mean Dice: {_fmt(training.get('val_dice'))} after epoch {training.get('epochs')} (step {training.get('steps')}), the best
-epoch by validation Dice.
+Mean Dice: {_fmt(training.get('val_dice'))} at step {training.get('steps')} (pass {training.get('epochs')} over the training slices), the
+best validation of the run: that adapter is the one kept.
+
+{_test_section(test_results, test_column) if test_results else ""}
+## Where not to trust it
+{_untrusted(meta)}
 
 ## Training
 - Settings: {_settings(training)}, focal + Dice loss, light augmentation (intensity jitter, rotation, zoom),
@@ -101,8 +151,10 @@ def main():
     parser.add_argument("adapter", type=Path)
     parser.add_argument("card", type=Path)
     parser.add_argument("--command", required=True)
+    parser.add_argument("--test-results", type=Path, help="compare_tuning.json of benchmarks/compare_tuning.py")
+    parser.add_argument("--test-column", default="new", help="the --adapter NAME this adapter had there")
     args = parser.parse_args()
-    args.card.write_text(card(args.adapter, args.command))
+    args.card.write_text(card(args.adapter, args.command, args.test_results, args.test_column))
     print(f"wrote {args.card}")
 
 

@@ -68,10 +68,10 @@ def test_card_validation_dice_is_the_metadata_dice(metadata, card):
     for label, dice, classic in rows:
         assert _dice(dice) == _rounded(training["val_dice_per_label"].get(label)), label
         assert _dice(classic) == _rounded(training.get("val_dice_classic_per_label", {}).get(label)), label
-    mean = re.search(r"Mean Dice: ([\d.]+) after epoch (\d+) \(step (\d+)\)", card)
+    mean = re.search(r"Mean Dice: ([\d.]+) at step (\d+) \(pass (\d+) over", card)
     assert mean, "the card gives no mean validation Dice"
     assert (float(mean.group(1)), int(mean.group(2)), int(mean.group(3))) == (
-        _rounded(training["val_dice"]), training["epochs"], training["steps"])
+        _rounded(training["val_dice"]), training["steps"], training["epochs"])
 
 
 def test_card_training_data_is_the_metadata_data(metadata, card):

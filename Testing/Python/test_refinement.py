@@ -181,6 +181,9 @@ def test_one_box_raises_the_liver_dice_on_the_dcmqi_ct(data_dir):
 
 @pytest.mark.data
 @pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="the 2026-12-02 default adapter never learnt spleen (validation Dice 0.000): "
+                   "its text token re-decodes nothing on the boxed slice (measured 0.000 -> 0.000; the adapter before "
+                   "gave 0.762 -> 0.771). Strict: passes again, and this marker must go, once spleen is learnt")
 def test_one_box_raises_the_spleen_dice_on_the_totalsegmentator_ct(data_dir):
     """The slices of example_ct_dicom that hold the spleen, with two slices either side (the spleen is on all 20
     slices, so this is the whole series: about 35 minutes on a heavily shared 2-core machine)."""

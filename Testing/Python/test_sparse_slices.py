@@ -56,6 +56,9 @@ def test_work_saved_and_limits():
 
 @pytest.mark.slow
 @pytest.mark.data
+@pytest.mark.xfail(strict=True, reason="the 2026-12-02 default adapter gives no local structure on this CT: kidney, "
+                   "lung, aorta, spine, stomach empty on all 56 slices, nucleus, gland and polyp (false positives) on "
+                   "all 56, so nothing is skipped; strict: remove once an adapter gives a local answer here")
 def test_sparse_pass_gives_the_dense_masks_on_the_real_ct(data_dir):
     """The shipped adapter on the upper half of the real CT (upper abdomen to lower chest), labels that are local
     there: the same masks as encoding every slice, from fewer encoded slices. (Liver and spleen are not used: this

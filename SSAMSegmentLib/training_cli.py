@@ -55,6 +55,9 @@ def add_arguments(parser):
     parser.add_argument("--val-fraction", type=float, default=0.2, help="share of cases held out for validation")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", help="checkpoint to continue from (<output>.checkpoint.safetensors)")
+    parser.add_argument("--start-from", metavar="ADAPTER",
+                        help="start from this adapter's trained weights instead of the base's ('default': the shipped "
+                             "adapter, which already knows its labels); its labels stay taught, the data's are added")
     parser.add_argument("--device", default="auto", help=f"one of {', '.join(DEVICE_CHOICES)} or cuda:N")
     parser.add_argument("--axis", choices=AXES, default="auto", help="slice axis of 3D images")
     parser.add_argument("--image-size", type=int, help="input size for SAM ViT bases (multiple of 16)")
@@ -96,7 +99,7 @@ def run(args) -> int:
         labels=split_labels(args.labels) or None,
         steps=args.steps, epochs=args.epochs, budget_minutes=args.budget, batch_size=args.batch_size,
         micro_batch=args.micro_batch, lr=args.lr, lr_singular_values=args.lr_singular_values, patience=args.patience,
-        val_fraction=args.val_fraction, val_data=args.val_data, seed=args.seed, resume=args.resume, device=args.device, axis=args.axis,
+        val_fraction=args.val_fraction, val_data=args.val_data, seed=args.seed, resume=args.resume, start_from=args.start_from, device=args.device, axis=args.axis,
         balanced=args.balanced, augment=not args.no_augment, tiles=args.tiles, tune=args.tune,
         image_size=args.image_size, keep_largest=args.keep_largest, neighbour_slices=args.neighbour_slices,
         overwrite=args.overwrite,

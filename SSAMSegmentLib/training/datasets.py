@@ -78,7 +78,7 @@ class Case:
     found when the dataset was checked, so a trainer can balance positives and negatives without reading."""
 
     def __init__(self, case_id: str, image_path: Optional[Path], label_names: Sequence[str], read: MaskReader,
-                 present_labels=(), annotated=None, source: str = ""):
+                 present_labels=(), annotated=None, source: str = "", absent=()):
         self.case_id = case_id
         self.image_path = image_path
         self.label_names = list(label_names)
@@ -86,6 +86,9 @@ class Case:
         # The labels this case's own dataset annotates (validation scores only those); None: all of label_names.
         self.annotated = None if annotated is None else frozenset(annotated)
         self.source = source  # the dataset a case of a combined set came from ("" otherwise)
+        # Labels not annotated here but certainly absent: no dataset annotating them has this case's kind of image
+        # (combine_datasets). Training teaches them as empty; validation does not score them.
+        self.absent = frozenset(absent)
         self._read = read
 
     def use_label_names(self, label_names: Sequence[str], names_by_key) -> None:
@@ -964,22 +967,31 @@ def split_record(train, val, seed: Optional[int] = None, val_fraction: Optional[
 
 def combine_datasets(datasets: Sequence[Dataset]) -> Dataset:
     """One dataset from several (`ssam train CT_DATA POLYP_DATA ...`): the label names are the union (matched with
-    label_key, the first spelling kept), and a case gets empty masks for labels its own dataset does not have,
-    which makes them negative samples in training: right across modalities (there is no liver in a colonoscopy),
-    wrong for two CT datasets that annotate different organs, so combine datasets of different kinds. Each case
-    keeps `annotated`, the labels its own dataset annotates (validation scores only those), and `source`, its
-    dataset's folder name, which also prefixes its id."""
+    label_key, the first spelling kept). Each case keeps `annotated`, the labels its own dataset annotates (training
+    and validation use only those), and `source`, its dataset's folder name, which also prefixes its id.
+    A label another dataset annotates is trained as empty on a case (`absent`) only where absence is certain: no
+    dataset annotating the label has images of the case's kind (3D, 2D grey, 2D RGB; there is no polyp in a CT, no
+    liver in a colonoscopy). Between datasets of the same kind nothing is assumed: GlaS images are full of nuclei
+    that GlaS does not annotate, and two CT datasets may annotate different organs."""
     datasets = list(datasets)
     if len(datasets) == 1:
         return datasets[0]
     names: "OrderedDict[str, str]" = OrderedDict()
+    kinds_of_label: dict = {}
     for dataset in datasets:
         for name in dataset.label_names:
-            names.setdefault(label_key(name), name)
+            key = label_key(name)
+            names.setdefault(key, name)
+            kinds_of_label.setdefault(key, set()).update(dataset.image_kinds)
     union = list(names.values())
     cases, notes, kinds = [], [], []
     for number, dataset in enumerate(datasets):
         prefix = dataset.root.name if dataset.root is not None else f"memory{number}"
+        own = {label_key(n) for n in dataset.label_names}
+        # unknown kinds (an empty list) certify nothing
+        absent = {names[key] for key, label_kinds in kinds_of_label.items()
+                  if key not in own and dataset.image_kinds and label_kinds
+                  and not label_kinds & set(dataset.image_kinds)}
         for case in dataset.cases:
             def read(case=case):
                 image, masks = case.load()
@@ -987,7 +999,8 @@ def combine_datasets(datasets: Sequence[Dataset]) -> Dataset:
 
             combined = Case(f"{prefix}/{case.case_id}", case.image_path, union, read,
                             {names[label_key(n)] for n in case.present_labels},
-                            annotated={names[label_key(n)] for n in dataset.label_names}, source=prefix)
+                            annotated={names[label_key(n)] for n in dataset.label_names}, source=prefix,
+                            absent=absent)
             cases.append(combined)
         notes += [f"{prefix}: {note}" for note in dataset.notes]
         kinds += dataset.image_kinds

@@ -36,6 +36,12 @@ class SliceBank:
     case_ids: List[str]
     label_names: List[str]
     scored: np.ndarray  # bool (N, L): the label is annotated in the slice's dataset (validation scores only those)
+    # bool (N, L): the pairs training decodes and teaches: the annotated ones and those certainly absent (Case.absent)
+    trained: Optional[np.ndarray] = None
+
+    def __post_init__(self):
+        if self.trained is None:
+            self.trained = self.scored
 
     def __len__(self):
         return len(self.images)
@@ -85,7 +91,7 @@ def build_slice_bank(cases, label_names, image_size: int, axis: str = "auto", pr
     """Cut every case into slices (one case in memory at a time); `progress(fraction, message)` per case.
     `tile_record_of(case)`: a TileRecord to cut that case's slices into native-resolution tiles, or None.
     `neighbours`: the channels of a 3D grey case are slices k-1, k, k+1 (inference/neighbour_slices.py)."""
-    images, masks, contents, owners, scored = [], [], [], [], []
+    images, masks, contents, owners, scored, trained = [], [], [], [], [], []
     per_slice = (3 + len(label_names)) * image_size * image_size
     store = None
     for number, case in enumerate(cases):
@@ -95,6 +101,8 @@ def build_slice_bank(cases, label_names, image_size: int, axis: str = "auto", pr
         case_masks = {name: case_masks[name] for name in label_names}
         annotated = case.annotated
         case_scored = [annotated is None or name in annotated for name in label_names]
+        absent = case.absent
+        case_trained = [known or name in absent for known, name in zip(case_scored, label_names)]
         record = tile_record_of(case) if tile_record_of else None
         for whole_rgb, whole_masks, spacing in _case_slices(image, case_masks, axis, neighbours):
             for rgb, label_masks in _crops(whole_rgb, whole_masks, record):
@@ -104,6 +112,7 @@ def build_slice_bank(cases, label_names, image_size: int, axis: str = "auto", pr
                 contents.append(content)
                 owners.append(number)
                 scored.append(case_scored)
+                trained.append(case_trained)
                 if store is None and len(images) * per_slice > IN_MEMORY_LIMIT:
                     store = _SpillStore(spill_dir, len(label_names), image_size)
                 if store is not None:
@@ -119,7 +128,8 @@ def build_slice_bank(cases, label_names, image_size: int, axis: str = "auto", pr
         all_masks = np.stack(masks) if masks else np.zeros((0, len(label_names), image_size, image_size), np.uint8)
     return SliceBank(all_images, all_masks, np.array(contents, dtype=np.int64).reshape(-1, 2),
                      np.array(owners, dtype=np.int64), [c.case_id for c in cases], list(label_names),
-                     np.array(scored, dtype=bool).reshape(-1, len(label_names)))
+                     np.array(scored, dtype=bool).reshape(-1, len(label_names)),
+                     np.array(trained, dtype=bool).reshape(-1, len(label_names)))
 
 
 class _SpillStore:

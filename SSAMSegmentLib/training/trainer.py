@@ -73,6 +73,9 @@ class TrainingConfig:
     # (benchmarks/measure_context.py).
     neighbour_slices: bool = False
     overwrite: bool = False  # replace an existing adapter and checkpoint (resuming a run's own checkpoint does)
+    # an adapter (path, or "default" for the shipped one) whose trained tensors and labels the run starts from
+    # instead of SAM's own weights: adapt the default adapter to a local dataset, or continue a finished run
+    start_from: Optional[str] = None
 
     def check(self) -> "TrainingConfig":
         """Every number and choice, before any work: one SSAMError naming the first bad one."""
@@ -162,6 +165,8 @@ class TrainingConfig:
         fingerprint = {key: getattr(self, key) for key in keys}
         if self.neighbour_slices:  # only when on: checkpoints from before --context resume as they did
             fingerprint["neighbour_slices"] = True
+        if self.start_from:
+            fingerprint["start_from"] = str(self.start_from)
         return fingerprint
 
 
@@ -222,8 +227,8 @@ def _epoch_order(count: int, seed: int, epoch: int, weights: Optional[np.ndarray
 
 def _balance_weights(bank: SliceBank) -> np.ndarray:
     """Slice weights so that every label is present on about as many sampled slices as it is absent from (counting
-    only the slices whose dataset annotates it)."""
-    scored = bank.scored.astype(np.float64)
+    only the slices it is trained on: annotated, or certainly absent as on another kind of image)."""
+    scored = bank.trained.astype(np.float64)
     present = bank.present.astype(np.float64) * scored
     absent = scored - present
     per_label = present / present.sum(0).clip(min=1) + absent / absent.sum(0).clip(min=1)
@@ -518,6 +523,34 @@ def _agree(value, world):
     return type(value)(tensor.item())
 
 
+def _start_from(model, adapter, output) -> None:
+    """Load the adapter a run starts from (TrainingConfig.start_from) into the freshly built model; its taught labels
+    stay taught, the run's own labels are added. Keep-largest, tiles and input channels come from this run."""
+    if not adapter:
+        return None
+    from ..model.adapter import load_adapter
+    from ..model.loading import resolve_adapter
+
+    path = resolve_adapter(adapter)
+    if not path.is_file():
+        raise SSAMError(f"--start-from {adapter}: no such adapter file; give an .adapter.safetensors file or 'default'")
+    if os.path.realpath(path) == os.path.realpath(output):
+        raise SSAMError(f"--start-from {adapter} is also the --output; write the new adapter to another file "
+                        f"(the one it starts from is an input and is never replaced)")
+    load_adapter(model, path)
+
+
+def start_record(adapter) -> Optional[dict]:
+    """What the trained adapter records of the adapter its run started from: file name and SHA256."""
+    if not adapter:
+        return None
+    from ..model.loading import resolve_adapter
+    from ..model.weights import file_sha256
+
+    path = resolve_adapter(adapter)
+    return {"file": path.name, "sha256": file_sha256(path)}
+
+
 def train(config: TrainingConfig, progress: Optional[Callable[[TrainingProgress], None]] = None,
           cancel=None) -> TrainingResult:
     from .datasets import split_record
@@ -536,6 +569,8 @@ def train(config: TrainingConfig, progress: Optional[Callable[[TrainingProgress]
         torch.cuda.set_device(device)
     torch.manual_seed(config.seed)  # the Text Affine Layer's initial weights: a run is repeatable from its seed
     model = load(base=config.base, text_encoder=config.text_encoder, image_size=config.image_size, device=device)
+    _start_from(model, config.start_from, output)
+    start = start_record(config.start_from)  # hashed now: the file is the run's input
     batch_size = config.batch_size or batch_size_for(device.type, world, _cuda_memory(device), model.image_size)
     if batch_size < world:
         raise SSAMError(f"batch size {batch_size} is smaller than the {world} training processes")
@@ -563,7 +598,7 @@ def train(config: TrainingConfig, progress: Optional[Callable[[TrainingProgress]
     if len(train_bank) == 0:
         raise SSAMError("the training cases have no slice with signal; check the images")
 
-    balanced = has_rare_label(train_bank.present, train_bank.scored) if config.balanced is None else config.balanced
+    balanced = has_rare_label(train_bank.present, train_bank.trained) if config.balanced is None else config.balanced
     weights = _balance_weights(train_bank) if balanced else None
     steps_per_epoch = math.ceil(len(train_bank) / batch_size)
     micro_batch = config.micro_batch or micro_batch_for(device.type, batch_size)
@@ -579,7 +614,8 @@ def train(config: TrainingConfig, progress: Optional[Callable[[TrainingProgress]
              # the tile plan only when there is one: checkpoints from before tiles resume when it is empty
              "fingerprint": dict(config.fingerprint(), batch_size=batch_size,
                                  **({"tiles": {k: r.to_json() for k, r in tile_plan.items()}} if tile_plan else {})),
-             "cases": split_record(train_cases, val_cases, config.seed, config.val_fraction), "labels": labels}
+             "cases": split_record(train_cases, val_cases, config.seed, config.val_fraction), "labels": labels,
+             "start_from": start}
     if config.resume:
         resumed = load_checkpoint(config.resume, model, optimizer)
         for key in ("fingerprint", "cases", "labels"):
@@ -680,7 +716,7 @@ def train(config: TrainingConfig, progress: Optional[Callable[[TrainingProgress]
             inputs, targets = _batch_tensors(model, train_bank, rows, generator if config.augment else None)
             apply_learning_rates(optimizer, schedule, step)
             optimizer.zero_grad(set_to_none=True)
-            annotated = torch.from_numpy(train_bank.scored[np.sort(rows)])  # the row order of _batch_tensors
+            annotated = torch.from_numpy(train_bank.trained[np.sort(rows)])  # the row order of _batch_tensors
             loss = _accumulate_gradients(network, inputs, targets, text, device, scaler, micro_batch, annotated)
             scaler.step(optimizer)
             scaler.update()
@@ -777,6 +813,7 @@ def _summary(config, dataset, state, best, train_bank, val_bank, started):
         "val_dice": best.get("val_dice"),
         "val_dice_per_label": best.get("val_dice_per_label"),
         "val_dice_classic_per_label": best.get("val_dice_classic_per_label"),
+        "start_from": state.get("start_from"),
         "trained_at": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime()),
         "train_seconds": round(state["elapsed"] + time.time() - started, 1),
     }

@@ -655,3 +655,34 @@ def test_combined_cases_declare_their_source_and_annotated_labels_and_take_other
     case.use_label_names(["Liver", "polyp"], {"liver": "Liver"})
     _, masks = case.load()
     assert list(masks) == ["Liver", "polyp"] and np.array_equal(masks["Liver"], liver) and not masks["polyp"].any()
+
+
+def test_a_label_is_trained_as_absent_only_on_images_of_a_kind_no_dataset_annotating_it_has():
+    """A CT volume and colour photographs: no liver in a colonoscopy, no polyp in a CT. Two colour datasets (glands,
+    nuclei) say nothing about each other: GlaS images are full of unmarked nuclei."""
+    from SSAMSegmentLib.training.datasets import combine_datasets
+    from SSAMSegmentLib.training.slice_bank import build_slice_bank
+
+    rng = np.random.default_rng(0)
+    volume = sitk.GetImageFromArray(rng.integers(-200, 200, (4, 16, 16)).astype(np.int16))
+    liver = np.zeros((4, 16, 16), np.uint8)
+    liver[1:3, 4:9, 4:9] = 1
+    colour = sitk.GetImageFromArray(rng.integers(0, 255, (16, 16, 3)).astype(np.uint8), isVector=True)
+    disk = np.zeros((16, 16), np.uint8)
+    disk[5:10, 5:10] = 1
+    ct = memory_dataset([("ct", volume, {"liver": liver})])
+    glands = memory_dataset([("g", colour, {"gland": disk})])
+    nuclei = memory_dataset([("n", colour, {"nucleus": disk})])
+    combined = combine_datasets([ct, glands, nuclei])
+    by_source = {case.source: case for case in combined.cases}
+    assert by_source["memory0"].absent == {"gland", "nucleus"}
+    assert by_source["memory1"].absent == {"liver"}  # not "nucleus": same kind of image
+    assert by_source["memory2"].absent == {"liver"}
+
+    bank = build_slice_bank(combined.cases, combined.label_names, 32)
+    names = bank.label_names
+    ct_rows = bank.case_index == 0
+    assert bank.trained[ct_rows].all() and not bank.scored[ct_rows][:, names.index("gland")].any()
+    gland_row = np.flatnonzero(bank.case_index == 1)[0]
+    assert dict(zip(names, bank.trained[gland_row])) == {"liver": True, "gland": True, "nucleus": False}
+    assert dict(zip(names, bank.scored[gland_row])) == {"liver": False, "gland": True, "nucleus": False}

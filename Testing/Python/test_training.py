@@ -367,3 +367,37 @@ def test_torchrun_two_cpu_processes_train_with_ddp(disks, tmp_path):
     single = train(_config(disks, tmp_path / "single", epochs=2, batch_size=2, seed=1, val_fraction=0.2))
     assert metadata["training"]["total_steps"] == single.summary["total_steps"]
     assert metadata["training"]["steps"] == single.steps
+
+
+def test_sampling_counts_certain_absences_as_absent_examples():
+    """A label only one kind of image annotates (polyp, present on every photograph) is sampled absent on the
+    slices of another kind (CT) where it is trained as empty: balance needs them, or "polyp" is never seen absent."""
+    from SSAMSegmentLib.training.slice_bank import SliceBank
+
+    masks = np.zeros((6, 1, 4, 4), np.uint8)
+    masks[:3, 0, 0, 0] = 1  # slices 0-2: photographs, a polyp on each; slices 3-5: CT slices
+    scored = np.array([[True]] * 3 + [[False]] * 3)
+    fields = (np.zeros((6, 3, 4, 4), np.uint8), masks, np.full((6, 2), 4), np.zeros(6, int), ["x"], ["polyp"], scored)
+    weights = _balance_weights(SliceBank(*fields, np.ones((6, 1), bool)))  # CT certifies "no polyp"
+    assert np.isclose(weights[3:].sum(), weights[:3].sum()), "polyp absent as often as present"
+    assert not _balance_weights(SliceBank(*fields))[3:].any()  # annotated only: never an absent polyp
+
+
+def test_training_can_start_from_an_adapter_and_keeps_its_labels(disks, tmp_path):
+    first = train(_config(disks, tmp_path, labels=["disk"]))
+    start = SSAMSegmentLib.load(adapter=first.adapter_path).trainable_state()
+    config = _config(disks, tmp_path, labels=["square"], start_from=str(first.adapter_path), steps=1, lr=1e-12,
+                     lr_singular_values=1e-12, output=str(tmp_path / "second" / "square.adapter.safetensors"))
+    second = train(config)
+    metadata = read_metadata(second.adapter_path)
+    assert set(metadata["labels"]) == {"disk", "square"}
+    record = metadata["training"]["start_from"]
+    assert record["file"] == first.adapter_path.name and len(record["sha256"]) == 64
+    after = SSAMSegmentLib.load(adapter=second.adapter_path).trainable_state()
+    fresh = SSAMSegmentLib.load(base="test-vit", image_size=64).trainable_state()
+    moved = [n for n in start if "text" not in n and not torch.allclose(after[n], start[n], atol=1e-6)]
+    assert not moved, moved  # a negligible step from the start adapter, not from the base
+    assert any(not torch.allclose(start[n], fresh[n]) for n in start)
+    with pytest.raises(SSAMError, match="no such adapter"):
+        train(_config(disks, tmp_path, start_from=str(tmp_path / "missing.adapter.safetensors"),
+                      output=str(tmp_path / "third" / "x.adapter.safetensors")))

@@ -38,10 +38,20 @@ class SliceBank:
     scored: np.ndarray  # bool (N, L): the label is annotated in the slice's dataset (validation scores only those)
     # bool (N, L): the pairs training decodes and teaches: the annotated ones and those certainly absent (Case.absent)
     trained: Optional[np.ndarray] = None
+    case_sources: Optional[List[str]] = None  # per case: the dataset of a combined set it came from (Case.source)
 
     def __post_init__(self):
         if self.trained is None:
             self.trained = self.scored
+        if self.case_sources is None:
+            self.case_sources = [""] * len(self.case_ids)
+
+    @property
+    def source_index(self) -> np.ndarray:
+        """int (N,): which dataset each slice came from, numbered in order of first appearance."""
+        numbers = {name: number for number, name in enumerate(dict.fromkeys(self.case_sources))}
+        per_case = np.array([numbers[name] for name in self.case_sources], dtype=np.int64)
+        return per_case[self.case_index] if len(self.case_index) else np.zeros(0, np.int64)
 
     def __len__(self):
         return len(self.images)
@@ -129,7 +139,7 @@ def build_slice_bank(cases, label_names, image_size: int, axis: str = "auto", pr
     return SliceBank(all_images, all_masks, np.array(contents, dtype=np.int64).reshape(-1, 2),
                      np.array(owners, dtype=np.int64), [c.case_id for c in cases], list(label_names),
                      np.array(scored, dtype=bool).reshape(-1, len(label_names)),
-                     np.array(trained, dtype=bool).reshape(-1, len(label_names)))
+                     np.array(trained, dtype=bool).reshape(-1, len(label_names)), [c.source for c in cases])
 
 
 class _SpillStore:

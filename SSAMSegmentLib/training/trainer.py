@@ -227,12 +227,17 @@ def _epoch_order(count: int, seed: int, epoch: int, weights: Optional[np.ndarray
 
 def _balance_weights(bank: SliceBank) -> np.ndarray:
     """Slice weights so that every label is present on about as many sampled slices as it is absent from (counting
-    only the slices it is trained on: annotated, or certainly absent as on another kind of image)."""
-    scored = bank.trained.astype(np.float64)
-    present = bank.present.astype(np.float64) * scored
-    absent = scored - present
-    per_label = present / present.sum(0).clip(min=1) + absent / absent.sum(0).clip(min=1)
-    return per_label.sum(1) / scored.sum(1).clip(min=1)
+    only the slices it is trained on: annotated, or certainly absent as on another kind of image). Each dataset of a
+    combined set holds an equal share of a label's absent examples, so 760 photographs do not crowd out 10 gland
+    images as the CT labels' absent examples."""
+    trained = bank.trained.astype(np.float64)
+    present = bank.present.astype(np.float64) * trained
+    absent = trained - present
+    sources = bank.source_index
+    per_source = np.stack([absent[sources == s].sum(0) for s in range(sources.max() + 1)])
+    datasets = (per_source > 0).sum(0).clip(min=1)  # (L,) datasets holding absent examples of the label
+    per_label = present / present.sum(0).clip(min=1) + absent / (per_source[sources] * datasets).clip(min=1)
+    return per_label.sum(1) / trained.sum(1).clip(min=1)
 
 
 def _augment_intensity(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

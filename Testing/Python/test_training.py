@@ -401,3 +401,22 @@ def test_training_can_start_from_an_adapter_and_keeps_its_labels(disks, tmp_path
     with pytest.raises(SSAMError, match="no such adapter"):
         train(_config(disks, tmp_path, start_from=str(tmp_path / "missing.adapter.safetensors"),
                       output=str(tmp_path / "third" / "x.adapter.safetensors")))
+
+
+def test_each_dataset_holds_an_equal_share_of_a_labels_absent_examples():
+    """CT liver is certainly absent on 20 photographs of one set and 2 of another: the liver's absent examples are
+    shared equally by those two sets and the CT's own empty slices, however many images each has."""
+    from SSAMSegmentLib.training.slice_bank import SliceBank
+
+    count = 4 + 20 + 2
+    masks = np.zeros((count, 1, 4, 4), np.uint8)
+    masks[:2, 0, 0, 0] = 1  # CT: liver on 2 of 4 slices
+    case_index = np.arange(count)
+    sources = ["ct"] * 4 + ["polyp"] * 20 + ["gland"] * 2
+    bank = SliceBank(np.zeros((count, 3, 4, 4), np.uint8), masks, np.full((count, 2), 4), case_index,
+                     [f"c{i}" for i in range(count)], ["liver"], np.array([[True]] * 4 + [[False]] * 22),
+                     np.ones((count, 1), bool), sources)
+    weights = _balance_weights(bank)
+    assert np.isclose(weights[:2].sum(), 1.0)  # present: as much as absent
+    for rows in (slice(2, 4), slice(4, 24), slice(24, 26)):  # absent: CT's own empty slices, polyp, gland
+        assert np.isclose(weights[rows].sum(), 1 / 3)

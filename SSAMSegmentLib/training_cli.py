@@ -71,11 +71,10 @@ def add_arguments(parser):
                         help="auto: labels whose structures would be a few pixels across in the whole image at the "
                              "model's input train and segment in native-resolution tiles (stored in the adapter); "
                              "off: whole images always")
-    parser.add_argument("--context", dest="neighbour_slices", action="store_true",
+    parser.add_argument("--neighbour-slices", dest="neighbour_slices", action="store_true",
                         help="2.5D: the model's three input channels carry slices k-1, k, k+1 of 3D images instead "
                              "of slice k three times (recorded in the adapter; segmenting then does the same); 2D and "
-                             "RGB images are unaffected. Off by default until measured (docs/fine_tuning.md). Not "
-                             "ssam segment --context, which post-processes masks across slices")
+                             "RGB images are unaffected. Off by default until measured (docs/fine_tuning.md)")
     parser.add_argument("--keep-largest", action="append", metavar="LABEL",
                         help="a label that is one connected organ (e.g. liver): segmenting keeps only its largest 3D "
                              "component; repeat for several")

@@ -1,11 +1,11 @@
-"""Neighbour slices (`ssam train --context`, "2.5D") against the single slice, on real CT: volume Dice and time.
+"""Neighbour slices (`ssam train --neighbour-slices`, "2.5D") against the single slice, on real CT: volume Dice and time.
 
     python scripts/build_default_training_data.py /tmp/dd
     python benchmarks/measure_context.py /tmp/dd --work /tmp/ssam-context --budget 60
 
 Two adapters are trained from the LiteMedSAM base on `ct-mr` (the TotalSegmentator CT and MR samples) for liver,
 spleen and kidney, validated on `val-ct` and `val-dcmqi` to keep the best, with the default recipe, the same seed and
-`--budget` minutes each; they differ only in --context (inference/neighbour_slices.py). A finished or interrupted
+`--budget` minutes each; they differ only in --neighbour-slices (inference/neighbour_slices.py). A finished or interrupted
 run in --work is resumed, so the script can be re-run. Each adapter then segments the validation volumes as `ssam
 segment` does (sparse probes, volume context) and is scored per label with the volume Dice against the references
 (val-ct: TotalSegmentator's predictions; val-dcmqi: the manual liver, the only one of the three it annotates); the
@@ -33,7 +33,7 @@ from SSAMSegmentLib.training.trainer import TrainingConfig, train  # noqa: E402
 TRAIN = "ct-mr"
 VAL = ("val-ct", "val-dcmqi")
 LABELS = ["liver", "spleen", "kidney"]
-VARIANTS = {"single slice": False, "neighbour slices (--context)": True}
+VARIANTS = {"single slice": False, "neighbour slices (--neighbour-slices)": True}
 
 
 def train_variant(args, name, context):
@@ -127,7 +127,7 @@ def main():
     body = (f"Two adapters from the {args.base} base, trained on `{TRAIN}` for {', '.join(LABELS)} with the default "
             f"recipe, seed {args.seed} and a budget of {args.budget:g} min each, kept at their best validation "
             f"(slices of {' and '.join(f'`{v}`' for v in VAL)}); they differ only in the input channels: slice k "
-            f"three times, or slices k-1, k, k+1 (`ssam train --context`). Volume Dice of `ssam segment`'s masks "
+            f"three times, or slices k-1, k, k+1 (`ssam train --neighbour-slices`). Volume Dice of `ssam segment`'s masks "
             f"(sparse probes, volume context) against the references (val-ct: TotalSegmentator's predictions; "
             f"val-dcmqi: manual liver); seconds per volume: median of {args.repeats} interleaved segmentations.\n\n"
             + bench_common.table(header, rows))

@@ -54,7 +54,7 @@ class SSAM(nn.Module):
         self.adapter_path = None  # the loaded adapter's file: what a DICOM SEG names (and hashes) as the algorithm's
         self.requested_precision = "auto"  # inference precision as asked (devices.PRECISIONS); see `precision`
         self.keep_largest: List[str] = []  # labels that are one connected organ (saved in the adapter)
-        # input channels: slices k-1, k, k+1 instead of slice k three times (ssam train --context; saved in the
+        # input channels: slices k-1, k, k+1 instead of slice k three times (ssam train --neighbour-slices; saved in the
         # adapter; inference/neighbour_slices.py)
         self.neighbour_slices = False
         self._fast_encoder = FastEncoderSlot()  # inference-only copy of the merged encoder; not part of the model

@@ -68,7 +68,7 @@ class TrainingConfig:
     tune: str = "ssam"  # "ssam": the full S-SAM set; "norms": a, b frozen (the paper's ablation baseline)
     keep_largest: Optional[List[str]] = None  # labels that are one connected organ, recorded in the adapter
     tiles: str = "auto"  # "auto": native-resolution tiles for labels with small structures (tile_plan.py); "off"
-    # --context: a 3D case's input channels are slices k-1, k, k+1 (inference/neighbour_slices.py), recorded in the
+    # --neighbour-slices: a 3D case's input channels are slices k-1, k, k+1 (inference/neighbour_slices.py), recorded in the
     # adapter so segmenting feeds the same; 2D and RGB cases are unaffected. Off by default until measured
     # (benchmarks/measure_context.py).
     neighbour_slices: bool = False
@@ -130,7 +130,7 @@ class TrainingConfig:
         if self.axis not in AXES:
             raise SSAMError(f"unknown slice axis '{self.axis}'; use one of: {', '.join(AXES)}")
         if not isinstance(self.neighbour_slices, bool):
-            raise SSAMError(f"neighbour_slices {self.neighbour_slices!r} must be True or False (ssam train --context)")
+            raise SSAMError(f"neighbour_slices {self.neighbour_slices!r} must be True or False (ssam train --neighbour-slices)")
         if self.resume and not Path(self.resume).expanduser().is_file():
             raise SSAMError(f"checkpoint {self.resume} does not exist; give the .checkpoint.safetensors file a run "
                             f"left behind")
@@ -163,7 +163,7 @@ class TrainingConfig:
                 "balanced", "augment", "image_size", "val_fraction", "tune", "steps", "epochs", "budget_minutes",
                 "max_steps", "patience")
         fingerprint = {key: getattr(self, key) for key in keys}
-        if self.neighbour_slices:  # only when on: checkpoints from before --context resume as they did
+        if self.neighbour_slices:  # only when on: checkpoints from before --neighbour-slices resume as they did
             fingerprint["neighbour_slices"] = True
         if self.start_from:
             fingerprint["start_from"] = str(self.start_from)

@@ -99,10 +99,10 @@ def test_context_measurement_on_synthetic_ct(tmp_path):
     output = _run("measure_context.py", str(data), "--work", str(tmp_path / "work"), "--base", "test-vit",
                   "--budget", "5", "--max-steps", "2", docs=docs)
     body = _section(docs, "context")
-    for row in ("| single slice |", "| neighbour slices (--context) |"):
+    for row in ("| single slice |", "| neighbour slices (--neighbour-slices) |"):
         assert row in body
     assert "val-ct: kidney" in body and "val-dcmqi: liver" in body and "val-dcmqi: spleen" not in body
-    assert "val-dcmqi/dcmqi neighbour slices (--context): liver" in output
+    assert "val-dcmqi/dcmqi neighbour slices (--neighbour-slices): liver" in output
     from SSAMSegmentLib.model.adapter import read_metadata
 
     assert read_metadata(tmp_path / "work" / "context.adapter.safetensors")["neighbour_slices"] is True

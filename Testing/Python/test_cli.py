@@ -170,7 +170,7 @@ def test_info_of_an_adapter(adapter):
     run = ssam("info", "--adapter", adapter, "--no-weights")
     assert run.returncode == 0, run.stderr
     assert "organ, vessel" in run.stdout and "base SHA256" in run.stdout and "data" in run.stdout
-    assert "input slices  slice k\n" in run.stdout  # an adapter trained without --context
+    assert "input slices  slice k\n" in run.stdout  # an adapter trained without --neighbour-slices
     assert "test-vit" in run.stdout
 
 

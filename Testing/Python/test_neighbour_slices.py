@@ -1,4 +1,4 @@
-"""Neighbour slices ("2.5D", ssam train --context): the input channels are slices k-1, k, k+1 of a 3D volume, in the
+"""Neighbour slices ("2.5D", ssam train --neighbour-slices): the input channels are slices k-1, k, k+1 of a 3D volume, in the
 training bank and when segmenting, along the chosen slice axis, ends repeated, with the one intensity mapping; an
 adapter records it; 2D images, RGB images and adapters without it are unchanged."""
 
@@ -153,7 +153,7 @@ def test_the_adapter_records_neighbour_slices_and_older_readers_refuse_it(tmp_pa
     assert (context["neighbour_slices"], context["format_version"]) == (True, 2)
     assert SSAMSegmentLib.load(adapter=context_path).neighbour_slices is True
     assert SSAMSegmentLib.load(adapter=plain_path).neighbour_slices is False
-    monkeypatch.setattr(adapter, "FORMAT_VERSION", 1)  # a reader from before --context
+    monkeypatch.setattr(adapter, "FORMAT_VERSION", 1)  # a reader from before --neighbour-slices
     read_metadata(plain_path)
     with pytest.raises(SSAMError, match="update SSAM Segment"):
         read_metadata(context_path)
@@ -212,7 +212,7 @@ def test_segment_feeds_the_neighbours_with_the_same_window_and_plain_adapters_th
         return to_model_input(pixels, model.image_size, model.pixel_mean, model.pixel_std, (0.7, 0.8))[0]
 
     for k in range(count):
-        plain = model_input(mapping.apply(array[k]), adapters["plain"])  # what segmenting fed before --context
+        plain = model_input(mapping.apply(array[k]), adapters["plain"])  # what segmenting fed before --neighbour-slices
         torch.testing.assert_close(inputs["plain"][k], plain, rtol=0, atol=0)
         stack = _stack([mapping.apply(array[_clamped(k + o, count)])[..., 0] for o in (-1, 0, 1)])
         torch.testing.assert_close(inputs["context"][k], model_input(stack, adapters["context"]), rtol=0, atol=0)
@@ -333,7 +333,7 @@ def test_ssam_train_context_flag():
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    assert parser.parse_args(["data", "--output", "a.safetensors", "--context"]).neighbour_slices is True
+    assert parser.parse_args(["data", "--output", "a.safetensors", "--neighbour-slices"]).neighbour_slices is True
     assert parser.parse_args(["data", "--output", "a.safetensors"]).neighbour_slices is False
     with pytest.raises(SSAMError, match="neighbour_slices 'yes' must be True or False"):
         TrainingConfig(data="data", neighbour_slices="yes").check()

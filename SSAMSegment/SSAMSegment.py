@@ -146,6 +146,7 @@ class SSAMSegmentParameterNode:
     trainingLabels: str = ""
     trainingBudgetMinutes: Annotated[float, WithinRange(0.0, 10080.0)] = 0.0  # 0: no budget, the default recipe
     trainingAdapterName: str = ""
+    trainingStartFromDefault: bool = False  # train on from the shipped adapter (TrainingConfig.start_from)
 
 
 #
@@ -707,7 +708,8 @@ class SSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 task = self.logic.startTraining(output, folder=self.ui.trainingFolderPathLineEdit.currentPath,
                                                 base=base, labels=labels,
                                                 budgetMinutes=self.ui.trainingBudgetSpinBox.value,
-                                                device=DEVICES.get(self.ui.deviceComboBox.currentText, "auto"))
+                                                device=DEVICES.get(self.ui.deviceComboBox.currentText, "auto"),
+                                                startFromDefault=self.ui.trainingStartFromDefaultCheckBox.checked)
             else:
                 listWidget = self.ui.trainingPairsListWidget
                 pairs = [pair for row, pair in enumerate(self._scenePairs)
@@ -715,7 +717,8 @@ class SSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 with slicer.util.WaitCursor():
                     task = self.logic.startTraining(output, pairs=pairs, base=base, labels=labels,
                                                     budgetMinutes=self.ui.trainingBudgetSpinBox.value,
-                                                    device=DEVICES.get(self.ui.deviceComboBox.currentText, "auto"))
+                                                    device=DEVICES.get(self.ui.deviceComboBox.currentText, "auto"),
+                                                    startFromDefault=self.ui.trainingStartFromDefaultCheckBox.checked)
         except Exception as error:
             self.setStatus(str(error), error=True, training=True)
             return
@@ -1154,10 +1157,11 @@ class SSAMSegmentLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def trainingConfig(output, folder=None, base=None, labels=None, budgetMinutes=None, device="auto",
-                       **extra) -> dict:
+                       startFromDefault=False, **extra) -> dict:
         """TrainingConfig fields as a plain dict (it travels to the background process as JSON): the library's
-        default recipe (recipe.py), fitted to `budgetMinutes` when given; base None: the library's default base.
-        `extra` are further TrainingConfig fields (scripts and tests: steps=, batch_size=...)."""
+        default recipe (recipe.py), fitted to `budgetMinutes` when given; base None: the library's default base;
+        `startFromDefault`: train on from the shipped adapter. `extra` are further TrainingConfig fields (scripts and
+        tests: steps=, batch_size=...)."""
         from SSAMSegmentLib import SSAMError
         from SSAMSegmentLib.model.loading import DEFAULT_BASE
 
@@ -1166,30 +1170,31 @@ class SSAMSegmentLogic(ScriptedLoadableModuleLogic):
         if folder is not None and (not str(folder).strip() or not Path(folder).is_dir()):
             raise SSAMError(f"dataset folder '{folder}' does not exist; choose the folder with the training images")
         config = {"output": str(output), "base": base, "labels": list(labels) if labels else None,
-                  "budget_minutes": SSAMSegmentLogic.trainingBudget(budgetMinutes), "device": device}
+                  "budget_minutes": SSAMSegmentLogic.trainingBudget(budgetMinutes), "device": device,
+                  "start_from": "default" if startFromDefault else None}
         if folder is not None:
             config["data"] = str(folder)
         config.update(extra)
         return config
 
     def train(self, output, folder=None, pairs=None, base=None, labels=None, budgetMinutes=None, device="auto",
-              progress=None, cancel=None, **extra):
+              progress=None, cancel=None, startFromDefault=False, **extra):
         """Train an adapter here and now from a dataset folder or scene pairs; return the TrainingResult."""
         import SSAMSegmentLib
         from SSAMSegmentLib.training import datasets
 
-        config = self.trainingConfig(output, folder, base, labels, budgetMinutes, device, **extra)
+        config = self.trainingConfig(output, folder, base, labels, budgetMinutes, device, startFromDefault, **extra)
         if pairs is not None:
             config["data"] = datasets.memory_dataset(self.trainingCases(pairs, labels))
         return SSAMSegmentLib.train(SSAMSegmentLib.TrainingConfig(**config), progress=progress, cancel=cancel)
 
     def startTraining(self, output, folder=None, pairs=None, base=None, labels=None, budgetMinutes=None,
-                      device="auto", python=None, **extra):
+                      device="auto", python=None, startFromDefault=False, **extra):
         """Train in a background process; the task's 'training' events are the library's TrainingProgress fields
         (step, total_steps, loss, val_dice, finish_time, phase...)."""
         from SSAMSegmentLib.slicer import background_task
 
-        config = self.trainingConfig(output, folder, base, labels, budgetMinutes, device, **extra)
+        config = self.trainingConfig(output, folder, base, labels, budgetMinutes, device, startFromDefault, **extra)
         cases = self.trainingCases(pairs, labels) if pairs is not None else None
         Path(output).parent.mkdir(parents=True, exist_ok=True)
         return background_task.start_training(config, cases, python=python)

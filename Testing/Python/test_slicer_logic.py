@@ -573,6 +573,23 @@ def test_panel_training_uses_the_default_recipe(tmp_path):
     assert f"{recipe.DEFAULT_PATIENCE} validations without progress" in help_text
 
 
+def test_panel_training_can_start_from_the_default_adapter(tmp_path):
+    """The panel's "Start from the default adapter": the run loads the shipped adapter's weights and labels."""
+    import SSAMSegmentLib
+    from SSAMSegmentLib.model.adapter import read_metadata
+    from SSAMSegmentLib.model.loading import DEFAULT_ADAPTER
+    from SSAMSegmentLib.training import trainer
+
+    output = tmp_path / "a.adapter.safetensors"
+    assert Logic.trainingConfig(output, folder=tmp_path)["start_from"] is None
+    config = Logic.trainingConfig(output, folder=tmp_path, startFromDefault=True)
+    assert config["start_from"] == "default"
+    model = SSAMSegmentLib.load(base=config["base"])
+    trainer._start_from(model, config["start_from"], output)
+    assert [name for name, _ in model.labels.items(taught_only=True)] == read_metadata(DEFAULT_ADAPTER)["labels"]
+    assert trainer.start_record(config["start_from"])["file"] == DEFAULT_ADAPTER.name
+
+
 def test_training_table_has_a_row_per_validation_only():
     validated = {"event": "training", "phase": "validated", "step": 40, "total_steps": 400, "loss": 0.51234,
                  "val_dice": 0.6789, "finish_time": time.mktime((2026, 1, 2, 14, 5, 0, 0, 0, -1))}
@@ -696,7 +713,7 @@ def test_training_config_checks_the_folder(tmp_path):
     config = Logic.trainingConfig(tmp_path / "a.adapter.safetensors", folder=tmp_path, labels=["liver"],
                                   budgetMinutes=20)
     assert config == {"output": str(tmp_path / "a.adapter.safetensors"), "base": "litemedsam", "labels": ["liver"],
-                      "budget_minutes": 20.0, "device": "auto", "data": str(tmp_path)}
+                      "budget_minutes": 20.0, "device": "auto", "start_from": None, "data": str(tmp_path)}
     for folder in ("", tmp_path / "missing"):
         with pytest.raises(SSAMError, match="does not exist"):
             Logic.trainingConfig(tmp_path / "a.adapter.safetensors", folder=folder)

@@ -67,6 +67,14 @@ def _untrusted(meta: dict) -> str:
     return "\n".join(lines)
 
 
+def _start(training: dict) -> str:
+    start = training.get("start_from")
+    if not start:
+        return "- Started from the base model's own weights (S-SAM's identity start).\n"
+    return (f"- Started from the adapter `{start['file']}` (SHA256 `{start['sha256']}`), not from the base's own "
+            f"weights: its steps come on top of that adapter's own training.\n")
+
+
 def _test_section(results: Path, column: str) -> str:
     """Per study, the adapter's mean Dice on the test images of benchmarks/compare_tuning.py (its JSON)."""
     import json
@@ -141,7 +149,7 @@ best validation of the run: that adapter is the one kept.
 ## Training
 - Settings: {_settings(training)}, focal + Dice loss, light augmentation (intensity jitter, rotation, zoom),
   CPU ({training.get('train_seconds')} s in all).
-- Command:
+{_start(training)}- Command:
 
 ```
 {command}

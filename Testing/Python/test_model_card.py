@@ -89,3 +89,12 @@ def test_card_training_data_is_the_metadata_data(metadata, card):
     assert in_card == {"train": trained, "validation": validated}
     slices = re.search(r"(\d+) training slices", card)
     assert slices and int(slices.group(1)) == training["train_slices"]
+
+
+def test_card_says_what_the_training_started_from(metadata, card):
+    start = (metadata.get("training") or {}).get("start_from")
+    training = _section(card, "Training")
+    if start:
+        assert f"`{start['file']}` (SHA256 `{start['sha256']}`)" in training
+    else:
+        assert "Started from the base model's own weights" in training

@@ -34,7 +34,6 @@ in --work/compare_tuning.json and the docs section shows every study there, each
 import argparse
 import dataclasses
 import datetime
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -64,22 +63,31 @@ class Study:
     val: Optional[Tuple[str, ...]] = None  # None: a seeded split of the training cases (val_fraction)
     val_fraction: float = 0.2
     about: str = ""  # what the reader must know about the split
+    absent: Tuple[str, ...] = ()  # labels of another kind of image: certainly absent here, so any pixel is wrong
+
+
+CT_LABELS = ("liver", "spleen", "kidney")
+PHOTO_LABELS = ("polyp", "gland", "nucleus")
 
 
 STUDIES = {study.name: study for study in (
     Study("polyp", "Polyp (Kvasir-SEG colonoscopy)", ("polyp-train",), ("polyp-test",), ("polyp",),
           val=("polyp-val",),
-          about="760 training images, 40 validation images (the adapter kept), 200 test images held apart by name."),
+          about="760 training images, 40 validation images (the adapter kept), 200 test images held apart by name.",
+          absent=CT_LABELS),
     Study("gland", "Gland (GlaS H&E colon histology)", ("gland-train",), ("gland-val",), ("gland",),
-          about="GlaS train_1..10 for training (2 of them, a seeded split, validate); testA_1, 3, 6, 7, 8 test."),
+          about="GlaS train_1..10 for training (2 of them, a seeded split, validate); testA_1, 3, 6, 7, 8 test.",
+          absent=CT_LABELS),
     Study("nucleus-he", "Nucleus (MoNuSeg H&E)", ("nuclei-he-train",), ("nuclei-he-val",), ("nucleus",),
           about="9 slides as 250x250 tiles for training (a seeded 20% of the tiles validate, so validation shares "
-                "slides with training); the test tiles come from 3 other slides."),
+                "slides with training); the test tiles come from 3 other slides.",
+          absent=CT_LABELS),
     Study("ct", "CT organs (TotalSegmentator)", ("ct-mr",), ("val-ct", "val-dcmqi"), ("liver", "spleen", "kidney"),
           val_fraction=0.0,
           about="Training on the CT and MR sample volumes (predicted labels); no validation (with two training "
                 "volumes a split would train on one), so the last adapter is kept. Test: another CT (predicted "
-                "labels) and the dcmqi CT's manual liver (it annotates no spleen or kidney); Dice per axial slice."),
+                "labels) and the dcmqi CT's manual liver (it annotates no spleen or kidney); Dice per axial slice.",
+          absent=PHOTO_LABELS),
 )}
 
 
@@ -108,11 +116,9 @@ def _write_json(path: Path, value):
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    from SSAMSegmentLib.model.weights import file_sha256
+
+    return file_sha256(path)
 
 
 # --- training ---------------------------------------------------------------------------------------------------
@@ -215,8 +221,13 @@ def _row(case_id, index, label, metrics, geometry):
     return {"case": case_id, "slice": index if geometry.num_slices > 1 else None, "label": label, **metrics}
 
 
-def evaluate_adapter(adapter, cases, labels, log=_log) -> dict:
-    """Rows of per-image (per-slice) metrics of `adapter` segmenting every test case as `ssam segment` does."""
+ABSENT = " (absent)"  # the row label of a label certainly absent from the test image (Study.absent)
+
+
+def evaluate_adapter(adapter, cases, labels, log=_log, absent=()) -> dict:
+    """Rows of per-image (per-slice) metrics of `adapter` segmenting every test case as `ssam segment` does; the
+    `absent` labels (of another kind of image) are asked for too and scored against an empty truth, as
+    'LABEL (absent)': their Dice is 1 where the adapter leaves the image empty, else 0."""
     from SSAMSegmentLib.files.image_io import read_image
     from SSAMSegmentLib.inference.slice_geometry import SliceGeometry
     from SSAMSegmentLib.inference.slice_inference import segment_image
@@ -227,7 +238,8 @@ def evaluate_adapter(adapter, cases, labels, log=_log) -> dict:
     for case_id, image_path, references in cases:
         image = read_image(image_path)
         requested = [label for label in labels if label in references]
-        result = segment_image(model, image, requested)
+        foreign = [label for label in absent if label not in references]
+        result = segment_image(model, image, requested + foreign)
         seconds += result.seconds
         slices += result.slices - result.skipped_slices
         untaught.update(match.requested for match in result.label_status.values() if not match.taught)
@@ -238,6 +250,11 @@ def evaluate_adapter(adapter, cases, labels, log=_log) -> dict:
             predicted = sitk.GetArrayViewFromImage(masks[label])
             for (index, p), (_, t) in zip(_slices(geometry, predicted), _slices(geometry, references[label])):
                 rows.append(_row(case_id, index, label, label_metrics(p, t, spacing), geometry))
+        for label in foreign:
+            predicted = sitk.GetArrayViewFromImage(masks[label])
+            for index, p in _slices(geometry, predicted):
+                rows.append(_row(case_id, index, label + ABSENT, label_metrics(p, np.zeros_like(p), spacing),
+                                 geometry))
     log(f"  {len(rows)} scored images/slices, {slices} encoded in {seconds:.0f} s")
     return {"rows": rows, "seconds": seconds, "encoded_slices": slices, "untaught": sorted(untaught)}
 
@@ -311,6 +328,7 @@ def run_study(study: Study, data: Path, work: Path, budget: float, seed: int = 0
     work.mkdir(parents=True, exist_ok=True)
     cases = list(held_out_cases(study, data))
     key = {"test": list(study.test), "labels": list(study.labels), "cases": [case_id for case_id, _, _ in cases]}
+    adapter_key = dict(key, absent=list(study.absent))
     columns = {}
 
     def add(name, title, evaluation, **extra):
@@ -320,6 +338,9 @@ def run_study(study: Study, data: Path, work: Path, budget: float, seed: int = 0
                 values["dice"] = None
         if "adapter" in extra:
             extra.update(held_out_overlap(extra["adapter"], key["cases"]))
+            # share of test images/slices each label of another kind leaves empty (1.0: no false positive)
+            extra["absent_empty"] = {label: label_means(evaluation["rows"], [label + ABSENT])[label + ABSENT]["dice"]
+                                     for label in study.absent}
         columns[name] = {"title": title, "means": means,
                          "test_seconds": evaluation["seconds"], "encoded_slices": evaluation["encoded_slices"],
                          "untaught": evaluation["untaught"], "rows": evaluation["rows"], **extra}
@@ -335,8 +356,9 @@ def run_study(study: Study, data: Path, work: Path, budget: float, seed: int = 0
         training = train_run(study, run, data, work, budget, seed, base, log)
         log(f"{study.name} / {run.title}: testing on {len(cases)} cases")
         adapter = Path(training["adapter"])
-        evaluation = cached_evaluation(work / f"{run.key}.test.json", dict(key, adapter_sha256=_sha256(adapter)),
-                                       lambda: evaluate_adapter(adapter, cases, study.labels, log))
+        evaluation = cached_evaluation(work / f"{run.key}.test.json",
+                                       dict(adapter_key, adapter_sha256=_sha256(adapter)),
+                                       lambda: evaluate_adapter(adapter, cases, study.labels, log, study.absent))
         add(run.key, run.title, evaluation, adapter=str(adapter), training=training, tiles=adapter_tiles(adapter))
     log(f"{study.name} / box prompt: testing")
     evaluation = cached_evaluation(work / "box.test.json", dict(key, base=base),
@@ -344,8 +366,9 @@ def run_study(study: Study, data: Path, work: Path, budget: float, seed: int = 0
     add(BOX, "box prompt", evaluation, base=base)
     for name, path in extra.items():
         log(f"{study.name} / adapter {name}: testing")
-        evaluation = cached_evaluation(work / f"adapter-{name}.test.json", dict(key, adapter_sha256=_sha256(path)),
-                                       lambda: evaluate_adapter(path, cases, study.labels, log))
+        evaluation = cached_evaluation(work / f"adapter-{name}.test.json",
+                                       dict(adapter_key, adapter_sha256=_sha256(path)),
+                                       lambda: evaluate_adapter(path, cases, study.labels, log, study.absent))
         add(f"adapter:{name}", name, evaluation, adapter=str(path))
     return {"name": study.name, "title": study.title, "about": study.about, "train": list(study.train),
             "val": list(study.val) if study.val else None, "test": list(study.test), "labels": list(study.labels),
@@ -398,6 +421,9 @@ def study_markdown(record: dict) -> str:
                     else "no validation: the last step kept")
             runs.append(f"{column['title']}: {training['steps_done']} of {training['total_steps']} steps{stop}, "
                         f"{kept}, {training['train_minutes']:.1f} min")
+    empty = [f"{column['title']}: " + ", ".join(f"{label} {_number(share)}" for label, share in
+                                              column["absent_empty"].items())
+             for column in scored.values() if column.get("absent_empty")]
     notes = [f"{column['title']} was never taught {', '.join(column['untaught'])} (a guess)"
              for column in scored.values() if column["untaught"]]
     for column in scored.values():
@@ -419,6 +445,8 @@ def study_markdown(record: dict) -> str:
            if record["budget_minutes"] is not None else "No runs trained here (evaluation only).")
         + (f" Note: {'; '.join(notes)}." if notes else ""),
         "",
+        *([f"Labels of another kind of image, which cannot be on these images: share of test images/slices each "
+           f"leaves empty (1.000: no false positive). {'; '.join(empty)}.", ""] if empty else []),
         f"Command ({record['date']}): `{record['command']}`",
     ])
 

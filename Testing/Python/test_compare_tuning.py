@@ -174,6 +174,18 @@ def test_volumes_are_scored_per_slice_for_the_labels_their_dataset_annotates(tmp
     assert means["kidney"]["cases"] == 0 and means["kidney"]["dice"] is None
     assert means["liver"]["cases"] == sum(labelmap.shape[0] for _, labelmap in arrays.values())  # 16 axial each
 
+    # A label of another kind of image: every slice scored against an empty truth, 1 where the adapter left it empty.
+    with_absent = compare.evaluate_adapter(adapter, cases, study.labels, log=lambda m: None, absent=("polyp",))
+    assert [row for row in with_absent["rows"] if not row["label"].endswith(compare.ABSENT)] == rows
+    polyp_rows = [row for row in with_absent["rows"] if row["label"] == "polyp" + compare.ABSENT]
+    assert len(polyp_rows) == means["liver"]["cases"]
+    for case_id, image_path, _ in cases:
+        result = model.segment(sitk.ReadImage(str(image_path)), ["polyp"])
+        predicted = sitk.GetArrayFromImage(result.masks["polyp"]).astype(bool)
+        expected = sorted(float(not np.take(predicted, k, result.array_axis).any())
+                          for k in range(predicted.shape[result.array_axis]))
+        assert sorted(row["dice"] for row in polyp_rows if row["case"] == case_id) == pytest.approx(expected)
+
     assert compare.held_out_overlap(adapter, [case_id for case_id, _, _ in cases]) == {
         "trained_on": [], "validated_on": []}
     earlier = perturbed_model(labels=("liver",)).save_adapter(tmp_path / "earlier.adapter.safetensors", {

@@ -90,7 +90,8 @@ def _info(args) -> int:
         print(f"adapter         {args.adapter}")
         print(f"  taught labels {', '.join(metadata.get('labels', [])) or '(none)'}")
         print(f"  base SHA256   {metadata.get('base_sha256')}")
-        context = "slices k-1, k, k+1 (trained with --neighbour-slices)" if metadata.get("neighbour_slices") else "slice k"
+        context = ("slices k-1, k, k+1 (trained with --neighbour-slices)" if metadata.get("neighbour_slices")
+                   else "slice k")
         print(f"  input slices  {context}")
         for key, value in (metadata.get("training") or {}).items():
             print(f"  {key:<14}{value}")

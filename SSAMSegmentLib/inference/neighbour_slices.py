@@ -1,6 +1,6 @@
 """What the model's three input channels hold for one slice: the slice itself in each (as SAM and LiteMedSAM were
-trained), or, for an adapter trained with `ssam train --neighbour-slices` ("2.5D"), the slice and its two neighbours along
-the slice axis: channels k-1, k, k+1.
+trained), or, for an adapter trained with `ssam train --neighbour-slices` ("2.5D"), the slice and its two neighbours
+along the slice axis: channels k-1, k, k+1.
 
 One function for training (training/slice_bank.py), segmenting (slice_inference.py) and corrections
 (refinement.py), so the three always see the same pixels:

@@ -3,8 +3,8 @@
 Per image: one intensity mapping, one slicing geometry, each label's prompt token computed once. The slices are
 encoded in rounds (sparse_slices.py): sparse probes, then every slice near a probe that found some label; the rest
 keep an empty mask. Per slice: its three input channels (the slice itself, or slices k-1, k, k+1 for an adapter
-trained with --neighbour-slices: neighbour_slices.py), the image encoder once, the mask decoder once per label (all labels in
-one batch), in the model's precision (devices.inference_precision); the logits are brought back to the slice's own size
+trained with --neighbour-slices: neighbour_slices.py), the image encoder once, the mask decoder once per label (all
+labels in one batch), in the model's precision (devices.inference_precision); the logits are brought back to the slice's own size
 and stored as int8 tenths of a logit in the array that becomes the label's uint8 mask; the decoder's predicted IoU is
 kept per slice and label as a confidence. After the loop volume_context.py turns the logits into masks using the
 neighbouring slices. Only the current slices and their embeddings are in memory, never a float copy of the volume;

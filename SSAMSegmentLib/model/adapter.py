@@ -122,7 +122,8 @@ def check_compatible(metadata: dict, model, path) -> None:
 
 
 def _neighbour_slices_of(metadata: dict, path) -> bool:
-    """Whether the adapter was trained on neighbouring slices (absent in adapters from before ssam train --neighbour-slices)."""
+    """Whether the adapter was trained on neighbouring slices (absent in adapters from before ssam train
+    --neighbour-slices)."""
     value = metadata.get("neighbour_slices", False)
     if not isinstance(value, bool):
         raise SSAMError(f"adapter {Path(path).name}: 'neighbour_slices' is {value!r}, not true or false; the file is "

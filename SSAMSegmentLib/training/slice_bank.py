@@ -1,7 +1,7 @@
 """Training and validation slices, prepared once: each case is cut into slices exactly as inference cuts it
 (slice_geometry + intensity + neighbour_slices), resized to the model's input size and kept as uint8 with one 0/1
-mask per label. With `neighbours` (ssam train --neighbour-slices) a 3D case's three channels are slices k-1, k, k+1, as the
-adapter will see them when segmenting; 2D and RGB cases keep their own channels.
+mask per label. With `neighbours` (ssam train --neighbour-slices) a 3D case's three channels are slices k-1, k, k+1,
+as the adapter will see them when segmenting; 2D and RGB cases keep their own channels.
 
 A sample of S-SAM is a (slice, label name, mask) triple for every label, absent labels giving empty masks. The bank
 holds slices with all their labels' masks, so a training step encodes a slice once and decodes all its labels.

@@ -68,8 +68,8 @@ class TrainingConfig:
     tune: str = "ssam"  # "ssam": the full S-SAM set; "norms": a, b frozen (the paper's ablation baseline)
     keep_largest: Optional[List[str]] = None  # labels that are one connected organ, recorded in the adapter
     tiles: str = "auto"  # "auto": native-resolution tiles for labels with small structures (tile_plan.py); "off"
-    # --neighbour-slices: a 3D case's input channels are slices k-1, k, k+1 (inference/neighbour_slices.py), recorded in the
-    # adapter so segmenting feeds the same; 2D and RGB cases are unaffected. Off by default until measured
+    # --neighbour-slices: a 3D case's input channels are slices k-1, k, k+1 (inference/neighbour_slices.py), recorded
+    # in the adapter so segmenting feeds the same; 2D and RGB cases are unaffected. Off by default until measured
     # (benchmarks/measure_context.py).
     neighbour_slices: bool = False
     overwrite: bool = False  # replace an existing adapter and checkpoint (resuming a run's own checkpoint does)
@@ -130,7 +130,18 @@ class TrainingConfig:
         if self.axis not in AXES:
             raise SSAMError(f"unknown slice axis '{self.axis}'; use one of: {', '.join(AXES)}")
         if not isinstance(self.neighbour_slices, bool):
-            raise SSAMError(f"neighbour_slices {self.neighbour_slices!r} must be True or False (ssam train --neighbour-slices)")
+            raise SSAMError(f"neighbour_slices {self.neighbour_slices!r} must be True or False "
+                            f"(ssam train --neighbour-slices)")
+        if self.start_from:
+            from ..model.loading import resolve_adapter
+
+            start = resolve_adapter(self.start_from)
+            if not start.is_file():
+                raise SSAMError(f"--start-from {self.start_from}: no such adapter file; give an .adapter.safetensors "
+                                f"file or 'default'")
+            if os.path.realpath(start) == os.path.realpath(Path(self.output).expanduser()):
+                raise SSAMError(f"--start-from {self.start_from} is also the --output; write the new adapter to "
+                                f"another file (the one it starts from is an input and is never replaced)")
         if self.resume and not Path(self.resume).expanduser().is_file():
             raise SSAMError(f"checkpoint {self.resume} does not exist; give the .checkpoint.safetensors file a run "
                             f"left behind")
@@ -528,7 +539,7 @@ def _agree(value, world):
     return type(value)(tensor.item())
 
 
-def _start_from(model, adapter, output) -> None:
+def _start_from(model, adapter) -> None:
     """Load the adapter a run starts from (TrainingConfig.start_from) into the freshly built model; its taught labels
     stay taught, the run's own labels are added. Keep-largest, tiles and input channels come from this run."""
     if not adapter:
@@ -536,13 +547,7 @@ def _start_from(model, adapter, output) -> None:
     from ..model.adapter import load_adapter
     from ..model.loading import resolve_adapter
 
-    path = resolve_adapter(adapter)
-    if not path.is_file():
-        raise SSAMError(f"--start-from {adapter}: no such adapter file; give an .adapter.safetensors file or 'default'")
-    if os.path.realpath(path) == os.path.realpath(output):
-        raise SSAMError(f"--start-from {adapter} is also the --output; write the new adapter to another file "
-                        f"(the one it starts from is an input and is never replaced)")
-    load_adapter(model, path)
+    load_adapter(model, resolve_adapter(adapter))  # TrainingConfig.check made sure it is a file, not the output
 
 
 def start_record(adapter) -> Optional[dict]:
@@ -574,7 +579,7 @@ def train(config: TrainingConfig, progress: Optional[Callable[[TrainingProgress]
         torch.cuda.set_device(device)
     torch.manual_seed(config.seed)  # the Text Affine Layer's initial weights: a run is repeatable from its seed
     model = load(base=config.base, text_encoder=config.text_encoder, image_size=config.image_size, device=device)
-    _start_from(model, config.start_from, output)
+    _start_from(model, config.start_from)
     start = start_record(config.start_from)  # hashed now: the file is the run's input
     batch_size = config.batch_size or batch_size_for(device.type, world, _cuda_memory(device), model.image_size)
     if batch_size < world:

@@ -585,7 +585,7 @@ def test_panel_training_can_start_from_the_default_adapter(tmp_path):
     config = Logic.trainingConfig(output, folder=tmp_path, startFromDefault=True)
     assert config["start_from"] == "default"
     model = SSAMSegmentLib.load(base=config["base"])
-    trainer._start_from(model, config["start_from"], output)
+    trainer._start_from(model, config["start_from"])
     assert [name for name, _ in model.labels.items(taught_only=True)] == read_metadata(DEFAULT_ADAPTER)["labels"]
     assert trainer.start_record(config["start_from"])["file"] == DEFAULT_ADAPTER.name
 

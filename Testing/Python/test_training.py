@@ -399,8 +399,12 @@ def test_training_can_start_from_an_adapter_and_keeps_its_labels(disks, tmp_path
     assert not moved, moved  # a negligible step from the start adapter, not from the base
     assert any(not torch.allclose(start[n], fresh[n]) for n in start)
     with pytest.raises(SSAMError, match="no such adapter"):
-        train(_config(disks, tmp_path, start_from=str(tmp_path / "missing.adapter.safetensors"),
-                      output=str(tmp_path / "third" / "x.adapter.safetensors")))
+        _config(disks, tmp_path, start_from=str(tmp_path / "missing.adapter.safetensors")).check()
+    before = first.adapter_path.read_bytes()
+    with pytest.raises(SSAMError, match="is also the --output"):  # refused before any work, the input untouched
+        train(_config(disks, tmp_path, start_from=str(first.adapter_path), output=str(first.adapter_path),
+                      overwrite=True))
+    assert first.adapter_path.read_bytes() == before
 
 
 def test_each_dataset_holds_an_equal_share_of_a_labels_absent_examples():

@@ -98,3 +98,25 @@ def test_card_says_what_the_training_started_from(metadata, card):
         assert f"`{start['file']}` (SHA256 `{start['sha256']}`)" in training
     else:
         assert "Started from the base model's own weights" in training
+
+
+def test_the_card_reports_labels_of_another_kind_from_the_test_results(tmp_path):
+    """The card's line on labels asked for on another kind of image follows compare_tuning.json, not a fixed text."""
+    import importlib.util
+    import json
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("write_model_card", REPO / "scripts" / "write_model_card.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    results = tmp_path / "compare_tuning.json"
+    studies = {"ct": {"title": "CT organs (TotalSegmentator)", "columns": {
+        "adapter:new": {"absent_empty": {"polyp": 0.25, "gland": 1.0}}}}}
+    results.write_text(json.dumps({"studies": studies}))
+    line = script._other_kinds(script._absent_empty(results, "new"))
+    assert "marks false positives: polyp on CT organs (75% of test images)" in line and "gland" not in line
+    studies["ct"]["columns"]["adapter:new"]["absent_empty"]["polyp"] = 0.99
+    results.write_text(json.dumps({"studies": studies}))
+    assert "left at least 95% of every test set empty" in script._other_kinds(script._absent_empty(results, "new"))
+    assert "not measured" in script._other_kinds(script._absent_empty(None, "new"))

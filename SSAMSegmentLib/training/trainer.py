@@ -541,7 +541,8 @@ def _agree(value, world):
 
 def _start_from(model, adapter) -> None:
     """Load the adapter a run starts from (TrainingConfig.start_from) into the freshly built model; its taught labels
-    stay taught, the run's own labels are added. Keep-largest, tiles and input channels come from this run."""
+    stay taught, the run's own labels are added, and so are its keep-largest labels unless the run names its own;
+    tiles and input channels come from this run."""
     if not adapter:
         return None
     from ..model.adapter import load_adapter
@@ -586,7 +587,8 @@ def train(config: TrainingConfig, progress: Optional[Callable[[TrainingProgress]
         raise SSAMError(f"batch size {batch_size} is smaller than the {world} training processes")
     text = model.text_embeddings(labels)  # encoded once; stored in the adapter
     model.labels.mark_taught(labels)
-    model.keep_largest = list(config.keep_largest or [])
+    if config.keep_largest is not None:  # else none, or those of the adapter the run starts from
+        model.keep_largest = list(config.keep_largest)
     model.neighbour_slices = config.neighbour_slices  # saved in the adapter: segmenting feeds the same channels
     if config.tune == "norms":
         model.freeze_singular_values()

@@ -384,13 +384,14 @@ def test_sampling_counts_certain_absences_as_absent_examples():
 
 
 def test_training_can_start_from_an_adapter_and_keeps_its_labels(disks, tmp_path):
-    first = train(_config(disks, tmp_path, labels=["disk"]))
+    first = train(_config(disks, tmp_path, labels=["disk"], keep_largest=["disk"]))
     start = SSAMSegmentLib.load(adapter=first.adapter_path).trainable_state()
     config = _config(disks, tmp_path, labels=["square"], start_from=str(first.adapter_path), steps=1, lr=1e-12,
                      lr_singular_values=1e-12, output=str(tmp_path / "second" / "square.adapter.safetensors"))
     second = train(config)
     metadata = read_metadata(second.adapter_path)
     assert set(metadata["labels"]) == {"disk", "square"}
+    assert metadata["keep_largest"] == ["disk"]  # the start adapter's, as this run names none
     record = metadata["training"]["start_from"]
     assert record["file"] == first.adapter_path.name and len(record["sha256"]) == 64
     after = SSAMSegmentLib.load(adapter=second.adapter_path).trainable_state()

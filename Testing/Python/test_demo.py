@@ -87,7 +87,7 @@ def test_demo_segments_the_unseen_nuclei_tile_and_the_ct_slice(tmp_path, nuclei_
                           capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr
     dice = float(re.search(r"Dice (\d\.\d+) against the manual nucleus mask", done.stdout).group(1))
-    assert dice >= 0.65, done.stdout  # measured 0.726 with the 2026-12-02 default adapter (0.93 with the one before)
+    assert dice >= 0.85, done.stdout  # measured 0.933 with the 2026-12-03 default adapter (0.726 with the one before)
     for stem, size in (("nuclei_tile", (256, 256)), ("CT_small", (128, 128))):
         assert (tmp_path / "out" / f"{stem}.preview.png").stat().st_size > 0
         segmentation = sitk.ReadImage(str(tmp_path / "out" / f"{stem}.seg.nrrd"))
@@ -130,7 +130,7 @@ def test_demo_segments_glands_on_an_unseen_glas_image(tmp_path, monkeypatch, cap
     assert sitk.ReadImage(str(tmp_path / "out" / "gland.seg.nrrd")).GetSize()[:2] == (600, 400)
     trained = read_metadata(DEFAULT_ADAPTER)["labels"]
     if labels.match_label("gland", trained).taught:
-        assert dice >= 0.7, printed  # the goal for unseen gland images is 0.80
+        assert dice >= 0.8, printed  # the goal for unseen gland images; measured 0.912 (2026-12-03 adapter)
         assert "untaught" not in printed.split("image 2")[0]
     else:
         assert f"warning: {labels.untaught_warning(labels.match_labels(['gland'], trained), trained)}" in printed

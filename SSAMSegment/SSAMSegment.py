@@ -647,8 +647,12 @@ class SSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.setStatus(_oneLine(error), error=not isinstance(error, SSAMSegmentLogic.cancelledType()))
         else:
             name = segmentation.GetSegmentation().GetSegment(segmentId).GetName()
-            self.setStatus(_("Corrected {segment} on slices {slices}; Undo in the Segment Editor restores it.").format(
-                segment=name, slices=", ".join(str(k) for k in refinement.slices)))
+            from SSAMSegmentLib.inference.refinement import PROMPT_ALONE
+
+            alone = "" if refinement.used_text or not self.ui.refineUseTextCheckBox.checked else " " + PROMPT_ALONE
+            self.setStatus(_("Corrected {segment} on slices {slices}{alone}; Undo in the Segment Editor restores "
+                             "it.").format(segment=name, slices=", ".join(str(k) for k in refinement.slices),
+                                           alone=alone))
         finally:
             self._refineCancel = None
             self.ui.progressBar.hide()

@@ -1,7 +1,9 @@
 """Correcting one label with a box and/or points on one slice, carried to the neighbouring slices.
 
 The prompted slice is decoded again with the box and points together with the label's text token (or without it:
-the base alone, as LiteMedSAM was trained); then, slice after slice away from it, the previous corrected mask's box,
+the base alone, as LiteMedSAM was trained). When the text token and the prompt together find nothing on the prompted
+slice, the token contradicts what the user marked (a label the adapter never learnt, or learnt poorly): the prompt
+alone decodes that slice and the carried ones, and `Refinement.used_text` says so. Then, slice after slice away from it, the previous corrected mask's box,
 grown a little, is the next slice's box prompt, until the structure ends there (nothing found, the decoder's
 predicted IoU drops, the area collapses), the new mask roughly agrees with what the label already had (the text
 answer holds from there), or the box's own depth is left. Only the label's mask on the slices reported in `slices` changes; everything else is the input mask.
@@ -33,6 +35,8 @@ MIN_AREA_RATIO = 0.2  # a carried mask smaller than this share of the previous s
 # Dice with the label's existing mask at which carrying stops: from there on the text answer roughly holds, and
 # a carried box would only replace it with a mask that drifts further from the prompt with every slice.
 AGREES = 0.5
+# How a summary or status line says that a correction decoded without the text token, which found nothing
+PROMPT_ALONE = "(by the prompt alone: with the label's text it found nothing)"
 
 
 @dataclasses.dataclass
@@ -41,6 +45,7 @@ class Refinement:
     slices: List[int]  # image-array slice indices (along array_axis) whose mask was rewritten, ascending
     confidence: Dict[int, float]  # predicted IoU of each rewritten slice
     array_axis: int
+    used_text: bool = True  # False: decoded without the label's text token (asked for, or it found nothing)
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -121,6 +126,9 @@ def refine(model, image: sitk.Image, label: str, prompt: PhysicalPrompt, mask: O
         if first is None:
             raise SSAMError(f"slice {geometry.array_index(on_slice.slice)} has no signal (constant intensity); "
                             f"place the prompt on a slice showing the structure")
+        if decode.token is not None and not first[0].any():  # the token contradicts the user's prompt
+            decode.token = None
+            first = decode(on_slice.slice, on_slice.box, on_slice.points, on_slice.point_labels)
         geometry.slice_view(canonical, on_slice.slice)[...] = first[0]
         rewritten[on_slice.slice] = first[1]
         low, high = on_slice.reach
@@ -151,7 +159,7 @@ def refine(model, image: sitk.Image, label: str, prompt: PhysicalPrompt, mask: O
     corrected = sitk.GetImageFromArray(output)
     _copy_geometry(corrected, image)
     confidence = {geometry.array_index(index): score for index, score in rewritten.items()}
-    return Refinement(corrected, sorted(confidence), confidence, geometry.array_axis)
+    return Refinement(corrected, sorted(confidence), confidence, geometry.array_axis, decode.token is not None)
 
 
 def prompts_by_label(labels, boxes=None, points=None, negative_points=None) -> Dict[str, PhysicalPrompt]:
@@ -192,6 +200,8 @@ def apply_refinements(model, image, result, prompts: Dict[str, PhysicalPrompt], 
         refinement = refine(model, image, label, prompt, result.masks[label], axis=result.axis, **options)
         result.masks[label] = refinement.mask
         result.refined[label] = refinement.slices
+        if options.get("use_text", True) and not refinement.used_text:
+            result.refined_prompt_alone.append(label)
         scores = result.slice_confidence.get(label)
         if scores is not None:
             for index, score in refinement.confidence.items():

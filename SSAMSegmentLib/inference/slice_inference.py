@@ -81,6 +81,8 @@ class SegmentationResult:
     slice_confidence: "collections.OrderedDict[str, np.ndarray]" = dataclasses.field(default_factory=dict)
     volume_context: str = "slices alone"
     refined: dict = dataclasses.field(default_factory=dict)  # label -> array slice indices a correction rewrote
+    # labels whose correction fell back to the prompt alone: with the text token it found nothing (refinement.py)
+    refined_prompt_alone: list = dataclasses.field(default_factory=list)
 
     def confidence(self, label: str) -> Optional[float]:
         """The label's confidence: the mean predicted IoU over the slices where its mask has voxels."""
@@ -120,7 +122,9 @@ class SegmentationResult:
             if check:
                 details.append(f"check slice{'s' if len(check) > 1 else ''} {_ranges(check)}")
             if name in self.refined:
-                details.append(f"corrected on slices {_ranges(self.refined[name])}")
+                from .refinement import PROMPT_ALONE  # refinement imports this module
+                details.append(f"corrected on slices {_ranges(self.refined[name])}"
+                               + (f" {PROMPT_ALONE}" if name in self.refined_prompt_alone else ""))
             found.append(f"{name} ({', '.join(details)})")
         parts = [f"found {', '.join(found)}" if found else "no label found"]
         parts += labels.empty_report(self.empty_labels, self.untaught_labels)

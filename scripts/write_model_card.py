@@ -67,7 +67,7 @@ def _other_kinds(absent_empty: dict) -> str:
     if not absent_empty:
         return ("- **A label on another kind of image** (a polyp asked for on a CT) was not measured for this "
                 "adapter; ask for a label only on its own kind of image.")
-    found = [f"{label} on {title.split(' (')[0]} ({1 - share:.0%} of test images)"
+    found = [f"{label} on {1 - share:.0%} of the {title} test images"
              for (title, label), share in absent_empty.items() if share is not None and share < CLEAN_SHARE]
     if not found:
         return ("- Labels of another kind of image (a polyp on a CT, a liver on a photograph) left at least "

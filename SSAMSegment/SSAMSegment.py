@@ -649,7 +649,7 @@ class SSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             name = segmentation.GetSegmentation().GetSegment(segmentId).GetName()
             from SSAMSegmentLib.inference.refinement import PROMPT_ALONE
 
-            alone = "" if refinement.used_text or not self.ui.refineUseTextCheckBox.checked else " " + PROMPT_ALONE
+            alone = " " + PROMPT_ALONE if refinement.fell_back else ""
             self.setStatus(_("Corrected {segment} on slices {slices}{alone}; Undo in the Segment Editor restores "
                              "it.").format(segment=name, slices=", ".join(str(k) for k in refinement.slices),
                                            alone=alone))

@@ -3,10 +3,10 @@
 The prompted slice is decoded again with the box and points together with the label's text token (or without it:
 the base alone, as LiteMedSAM was trained). When the text token and the prompt together find nothing on the prompted
 slice, the token contradicts what the user marked (a label the adapter never learnt, or learnt poorly): the prompt
-alone decodes that slice and the carried ones, and `Refinement.used_text` says so. A prompt alone is decoded by the
+alone decodes that slice and the carried ones, and `Refinement.fell_back` says so. A prompt alone is decoded by the
 base with its own weights (S-SAM's identity start, `untuned_base`), whose box and point answers are what it was
-trained for; the adapter's encoder, tuned for text prompts, answers a box alone far worse. Then, slice after slice away from it, the previous corrected mask's box,
-grown a little, is the next slice's box prompt, until the structure ends there (nothing found, the decoder's
+trained for; the adapter's encoder, tuned for text prompts, answers a box alone far worse. Then, slice after slice
+away from it, the previous corrected mask's box, grown a little, is the next slice's box prompt, until the structure ends there (nothing found, the decoder's
 predicted IoU drops, the area collapses), the new mask roughly agrees with what the label already had (the text
 answer holds from there), or the box's own depth is left. Only the label's mask on the slices reported in `slices` changes; everything else is the input mask.
 """
@@ -47,7 +47,7 @@ class Refinement:
     slices: List[int]  # image-array slice indices (along array_axis) whose mask was rewritten, ascending
     confidence: Dict[int, float]  # predicted IoU of each rewritten slice
     array_axis: int
-    used_text: bool = True  # False: decoded without the label's text token (asked for, or it found nothing)
+    fell_back: bool = False  # the text was asked for but found nothing, so the prompt alone decoded (PROMPT_ALONE)
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -148,7 +148,8 @@ def refine(model, image: sitk.Image, label: str, prompt: PhysicalPrompt, mask: O
         if first is None:
             raise SSAMError(f"slice {geometry.array_index(on_slice.slice)} has no signal (constant intensity); "
                             f"place the prompt on a slice showing the structure")
-        if decode.token is not None and not first[0].any():  # the token contradicts the user's prompt
+        fell_back = decode.token is not None and not first[0].any()  # the token contradicts the user's prompt
+        if fell_back:
             decode = _SliceDecoder(untuned_base(model), image, geometry, mapping, None, logit_threshold)
             first = decode(on_slice.slice, on_slice.box, on_slice.points, on_slice.point_labels)
         geometry.slice_view(canonical, on_slice.slice)[...] = first[0]
@@ -181,7 +182,7 @@ def refine(model, image: sitk.Image, label: str, prompt: PhysicalPrompt, mask: O
     corrected = sitk.GetImageFromArray(output)
     _copy_geometry(corrected, image)
     confidence = {geometry.array_index(index): score for index, score in rewritten.items()}
-    return Refinement(corrected, sorted(confidence), confidence, geometry.array_axis, decode.token is not None)
+    return Refinement(corrected, sorted(confidence), confidence, geometry.array_axis, fell_back)
 
 
 def prompts_by_label(labels, boxes=None, points=None, negative_points=None) -> Dict[str, PhysicalPrompt]:
@@ -222,7 +223,7 @@ def apply_refinements(model, image, result, prompts: Dict[str, PhysicalPrompt], 
         refinement = refine(model, image, label, prompt, result.masks[label], axis=result.axis, **options)
         result.masks[label] = refinement.mask
         result.refined[label] = refinement.slices
-        if options.get("use_text", True) and not refinement.used_text:
+        if refinement.fell_back:
             result.refined_prompt_alone.append(label)
         scores = result.slice_confidence.get(label)
         if scores is not None:

@@ -31,7 +31,7 @@ from .preprocessing import logits_to_slice, to_model_input
 from .slice_geometry import SliceGeometry
 from ..model import labels
 from .sparse_slices import DEFAULT_PROBE_MM, SliceSchedule
-from .volume_context import VolumeContext, logits_to_mask, new_logit_volume, quantize_logits
+from .volume_context import VolumeContext, kept_slices, logits_to_mask, new_logit_volume, quantize_logits
 
 Progress = Callable[[float, str], None]
 
@@ -173,11 +173,12 @@ class SliceLogits:
 @torch.inference_mode()
 def slice_logits(model, image: sitk.Image, requested, axis: str = "auto", intensity: str = "auto", window=None,
                  batch_size: Optional[int] = None, progress: Optional[Progress] = None, cancel=None,
-                 probe_mm: Optional[float] = DEFAULT_PROBE_MM, logit_threshold: float = 0.0) -> SliceLogits:
+                 probe_mm: Optional[float] = DEFAULT_PROBE_MM, logit_threshold: float = 0.0,
+                 context: Optional[VolumeContext] = None) -> SliceLogits:
     """The slice loop: the slices with signal that the sparse schedule picks encoded once and decoded for every
     label's text token; the `requested` names are matched to the adapter's trained labels (labels.match_labels).
-    probe_mm: the spacing of the first, sparse round (sparse_slices.py; None: every slice); logit_threshold decides
-    which probes found something."""
+    probe_mm: the spacing of the first, sparse round (sparse_slices.py; None: every slice); logit_threshold and the
+    component rules of `context` (the VolumeContext the masks will get; None: none) decide what a round found."""
     image = check_image(image)
     trained = model.labels.taught_names()
     matches = labels.match_labels(requested, trained)
@@ -199,31 +200,38 @@ def slice_logits(model, image: sitk.Image, requested, axis: str = "auto", intens
     targets = [geometry.canonical(out) for out in outputs]
     quality = np.full((len(names), geometry.num_slices), np.nan, dtype=np.float32)
     spacing = geometry.in_plane_spacing()
-    total, without_signal = geometry.num_slices, 0
-    schedule = SliceSchedule(total, geometry.slice_spacing(), probe_mm)
+    total, without_signal = geometry.num_slices, set()
+    schedule = SliceSchedule(total, geometry.slice_spacing(), probe_mm, len(names))
+    work = 0  # slices encoded so far, for the progress line (a slice re-encoded for a late label counts again)
     try:
-        for indices in schedule:  # the probes, then the slices around the probes that found something
-            for first in range(0, len(indices), batch_size):
-                _check_cancel(cancel)
-                batch = []
-                for index in indices[first:first + batch_size]:
-                    if has_signal(geometry.slice_view(source, index)):
-                        batch.append((index, slice_pixels(geometry, source, mapping, index, neighbours)))
-                    else:
-                        without_signal += 1
-                if batch:
-                    schedule.found.update(_segment_batch(model, batch, tokens, geometry, targets, quality, spacing,
-                                                         logit_threshold, precision, tiles))
-                if progress:
-                    done = len(schedule.encoded) - len(indices) + min(first + batch_size, len(indices))
-                    progress(done / total, f"slice {done}/{total}")
+        for groups in schedule:  # the probes, then the gaps next to what was found, with the labels found there
+            for chosen, indices in groups:
+                for first in range(0, len(indices), batch_size):
+                    _check_cancel(cancel)
+                    batch = []
+                    for index in indices[first:first + batch_size]:
+                        if has_signal(geometry.slice_view(source, index)):
+                            batch.append((index, slice_pixels(geometry, source, mapping, index, neighbours)))
+                        else:
+                            without_signal.add(index)
+                    if batch:
+                        _segment_batch(model, batch, tokens, geometry, targets, quality, spacing, precision, tiles,
+                                       list(chosen))
+                    work += len(indices[first:first + batch_size])
+                    if progress:
+                        done = min(work, total)
+                        progress(done / total, f"slice {done}/{total}")
+            if not schedule.dense:
+                schedule.found = [kept_slices(out, geometry, decoded, logit_threshold, context or VolumeContext(), name)
+                                  for out, name, decoded in zip(outputs, names, schedule.decoded)]
     finally:
         if was_training:
             model.train()
     if progress and schedule.skipped:  # the last round ended before the last slice
         progress(1.0, f"{total - schedule.skipped}/{total} slices encoded")
     del targets, source
-    return SliceLogits(image, names, geometry, mapping, outputs, quality, schedule.skipped + without_signal,
+    return SliceLogits(image, names, geometry, mapping, outputs, quality,
+                       schedule.skipped + len(without_signal),
                        matches, trained, precision)
 
 
@@ -239,7 +247,7 @@ def segment_image(model, image: sitk.Image, requested, axis: str = "auto", thres
     logit_threshold = check_threshold(threshold)
     volume_context = VolumeContext.for_model(model, context)
     decoded = slice_logits(model, image, requested, axis, intensity, window, batch_size, progress, cancel, probe_mm,
-                           logit_threshold)
+                           logit_threshold, volume_context)
     return masks_from_logits(decoded, logit_threshold, volume_context, start, cancel)
 
 
@@ -294,23 +302,21 @@ def _slice_logits(model, rgbs, tokens, spacing, precision):
     return logits[:, 0].reshape(count, label_count, height, width), iou
 
 
-def _segment_batch(model, batch, tokens, geometry, targets, quality, spacing, logit_threshold, precision, tiles=None):
-    """Decode a batch of slices into the labels' int8 logit volumes (and their predicted IoU); returns the slices on
-    which some label was found."""
-    found = set()
-    whole = [i for i, record in enumerate(tiles or [None] * tokens.shape[0]) if record is None]
+def _segment_batch(model, batch, tokens, geometry, targets, quality, spacing, precision, tiles=None, chosen=None):
+    """Decode a batch of slices into the `chosen` labels' int8 logit volumes (and their predicted IoU); chosen: label
+    indices (None: all)."""
+    chosen = list(range(tokens.shape[0])) if chosen is None else chosen
+    tiles = tiles or [None] * tokens.shape[0]
+    whole = [label for label in chosen if tiles[label] is None]
     if whole:
         logits, iou = _slice_logits(model, [rgb for _, rgb in batch], tokens[whole], spacing, precision)
-        hits = (logits > logit_threshold).flatten(1).any(1).cpu().numpy()
         stored = quantize_logits(logits)
-        for (index, _), per_label, scores, hit in zip(batch, stored, iou, hits):
+        for (index, _), per_label, scores in zip(batch, stored, iou):
             for label, logit_slice, score in zip(whole, per_label, scores):
                 geometry.slice_view(targets[label], index)[...] = logit_slice
                 quality[label, index] = score
-            if hit:
-                found.add(index)
-    if len(whole) < tokens.shape[0]:  # labels the adapter segments in tiles (tiling.py); no IoU for a blend
-        found.update(tiling.segment_in_tiles(
-            lambda rgb, chosen: _slice_logits(model, [rgb], tokens[chosen], spacing, precision)[0][0],
-            batch, tiles, geometry, targets, logit_threshold))
-    return sorted(found)
+    tiled = [record if label in chosen else None for label, record in enumerate(tiles)]
+    if any(record is not None for record in tiled):  # labels the adapter segments in tiles (tiling.py); no IoU
+        tiling.segment_in_tiles(
+            lambda rgb, labels: _slice_logits(model, [rgb], tokens[labels], spacing, precision)[0][0],
+            batch, tiled, geometry, targets)

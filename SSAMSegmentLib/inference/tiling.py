@@ -140,7 +140,7 @@ def label_records(model, labels) -> list:
     return [records.get(label_key(name)) for name in labels]
 
 
-def segment_in_tiles(predict, batch, tiles, geometry, targets, logit_threshold) -> set:
+def segment_in_tiles(predict, batch, tiles, geometry, targets):
     """The tiled labels of a batch of (index, rgb) slices, written into their target int8 logit volumes. `predict(rgb, labels)`
     gives logits (len(labels), h, w) of the label indices `labels` on an (h, w, 3) tile. Labels sharing a record
     share their tiles' encoder passes."""
@@ -148,13 +148,9 @@ def segment_in_tiles(predict, batch, tiles, geometry, targets, logit_threshold) 
     for label, record in enumerate(tiles):
         if record is not None:
             groups.setdefault(record, []).append(label)
-    found = set()
     for record, chosen in groups.items():
         for index, rgb in batch:
             logits = tiled_logits(lambda tile: predict(tile, chosen), rgb, record)
             # stored like untiled labels: int8 tenths of a logit, thresholded later (volume_context.py)
             for label, logit_slice in zip(chosen, quantize_logits(logits)):
                 geometry.slice_view(targets[label], index)[...] = logit_slice
-            if (logits > logit_threshold).any():
-                found.add(index)
-    return found  # the slices on which a tiled label was found

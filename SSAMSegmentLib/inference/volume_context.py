@@ -124,10 +124,11 @@ def _components_2d(mask_slice: np.ndarray) -> np.ndarray:
     return sitk.GetArrayFromImage(sitk.ConnectedComponent(image, True)).astype(np.int64)
 
 
-def _remove_components(canonical_mask, geometry, min_voxels: float, keep_largest: bool):
-    """3D components as a union-find over the 2D components of each slice, joined where they overlap the previous
-    slice; two passes so only two slices' labels are ever in memory."""
-    parent, sizes, offset, previous = [0], [0], 0, None
+def _components(masks, sizes_per_voxel):
+    """3D components of a stack of 2D masks, joined where consecutive masks overlap, as a union-find over each
+    slice's 2D components. Returns each node's root (node 0: background), each root's total size (voxels times the
+    slice's `sizes_per_voxel`) and each slice's node range [first, end)."""
+    parent, sizes, ranges, offset, previous = [0], [0.0], [], 0, None
 
     def root(node):
         while parent[node] != node:
@@ -135,35 +136,50 @@ def _remove_components(canonical_mask, geometry, min_voxels: float, keep_largest
             node = parent[node]
         return node
 
-    for index in range(geometry.num_slices):
-        labels = _components_2d(geometry.slice_view(canonical_mask, index))
-        count = int(labels.max())
+    for mask_slice, per_voxel in zip(masks, sizes_per_voxel):
+        labels = _components_2d(mask_slice) if mask_slice.any() else None
+        count = int(labels.max()) if labels is not None else 0
         if count:
             labels[labels > 0] += offset
             parent.extend(range(offset + 1, offset + count + 1))
-            sizes.extend(np.bincount(labels.ravel(), minlength=offset + count + 1)[offset + 1:].tolist())
+            counts = np.bincount(labels.ravel(), minlength=offset + count + 1)[offset + 1:]
+            sizes.extend((counts * float(per_voxel)).tolist())
             if previous is not None:
                 both = (labels > 0) & (previous > 0)
                 for a, b in np.unique(np.stack([previous[both], labels[both]], 1), axis=0):
                     ra, rb = root(int(a)), root(int(b))
                     if ra != rb:
                         parent[rb] = ra
+        ranges.append((offset + 1, offset + count + 1))
         offset += count
-        previous = labels
-    if offset == 0:
-        return
+        previous = labels if count else None
     roots = np.array([root(node) for node in range(offset + 1)])
     totals = np.bincount(roots, weights=np.array(sizes, dtype=np.float64), minlength=offset + 1)
-    keep = totals >= max(min_voxels, 1)
+    return roots, totals, ranges
+
+
+def _kept_nodes(roots, totals, min_size: float, keep_largest: bool) -> np.ndarray:
+    """Per node: whether its component survives the small-piece rule (or is the largest, for keep_largest)."""
+    keep = totals >= max(min_size, 1e-12)
     if keep_largest:
         keep = np.zeros_like(keep)
         keep[int(np.argmax(totals[1:])) + 1] = True
     keep[0] = False
-    keep_node = keep[roots]
+    return keep[roots]
+
+
+def _remove_components(canonical_mask, geometry, min_voxels: float, keep_largest: bool):
+    """Streams the mask twice (components, then what is kept), so only two slices' labels are ever in memory."""
+    slices = range(geometry.num_slices)
+    roots, totals, _ = _components((geometry.slice_view(canonical_mask, index) for index in slices),
+                                   [1.0] * geometry.num_slices)
+    if len(roots) == 1:
+        return
+    keep_node = _kept_nodes(roots, totals, max(min_voxels, 1), keep_largest)
     if keep_node[1:].all():
         return
     offset = 0
-    for index in range(geometry.num_slices):
+    for index in slices:
         view = geometry.slice_view(canonical_mask, index)
         labels = _components_2d(view)
         count = int(labels.max())
@@ -171,3 +187,32 @@ def _remove_components(canonical_mask, geometry, min_voxels: float, keep_largest
             labels[labels > 0] += offset
             view[...] = keep_node[labels]
         offset += count
+
+
+# The probes' verdict is an estimate of the dense pass's (their pieces' volumes are sampled every few slices), so
+# they keep a piece down to this share of min_component_ml: an error costs encoding time, never a missed structure.
+PROBE_VOLUME_MARGIN = 0.5
+
+
+def kept_slices(logits: np.ndarray, geometry, encoded, logit_threshold: float, context: VolumeContext,
+                label: str) -> set:
+    """The slices among `encoded` (the only ones decoded so far) on which the label would survive this context's
+    component rules, judged on those slices stacked in order, each standing for the thickness up to half-way to its
+    encoded neighbours: sparse_slices.py's test of whether a probe found something. Without component rules: the
+    slices with any voxel over the threshold."""
+    canonical = geometry.canonical(logits)
+    order = sorted(encoded)
+    threshold = logit_threshold * LOGIT_SCALE
+    masks = (geometry.slice_view(canonical, index) > threshold for index in order)  # one slice at a time
+    keep_largest = label_key(label) in context.keep_largest
+    if not order or not (context.min_component_ml > 0 or keep_largest):
+        return {index for index, mask in zip(order, masks) if mask.any()}
+    spacing = geometry.slice_spacing()
+    positions = np.asarray(order, dtype=np.float64) * spacing
+    edges = np.r_[positions[0] - spacing / 2, (positions[1:] + positions[:-1]) / 2, positions[-1] + spacing / 2]
+    pixel_ml = float(np.prod(geometry.in_plane_spacing())) / 1000.0
+    roots, totals, ranges = _components(masks, np.diff(edges) * pixel_ml)
+    if len(roots) == 1:
+        return set()
+    keep_node = _kept_nodes(roots, totals, context.min_component_ml * PROBE_VOLUME_MARGIN, keep_largest)
+    return {index for index, (first, end) in zip(order, ranges) if keep_node[first:end].any()}

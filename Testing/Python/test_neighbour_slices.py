@@ -279,7 +279,7 @@ def test_sparse_probing_with_neighbours_matches_the_direct_computation_and_volum
     # The whole product path (sparse rounds, 3D smoothing and components) with a context adapter: the same logits,
     # post-processed as volume_context.py says.
     result = segment_image(model, image, labels, axis="axial")
-    again = slice_logits(model, image, labels, axis="axial")
+    again = slice_logits(model, image, labels, axis="axial", context=VolumeContext.for_model(model))
     from SSAMSegmentLib.inference.slice_inference import masks_from_logits
 
     rebuilt = masks_from_logits(again, 0.0, VolumeContext.for_model(model), 0.0)

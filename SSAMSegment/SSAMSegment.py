@@ -595,7 +595,8 @@ class SSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             untaught = task.result.get("untaught_labels", [])
             warnings = task.result.get("warnings", [])
             self.setStatus(self.logic.segmentationMessage(names, segmentation.GetName(), emptyLabels, untaught,
-                                                          task.result.get("notes", []), warnings),
+                                                          task.result.get("notes", []), warnings,
+                                                          task.result.get("other_kind_labels", [])),
                            warning=bool(warnings))
             logging.info(f"SSAM Segment: {summary}")
         elif task.kind == "training":
@@ -875,14 +876,16 @@ class SSAMSegmentLogic(ScriptedLoadableModuleLogic):
         return unique(split_labels(text))
 
     @staticmethod
-    def segmentationMessage(segmentNames, nodeName, emptyLabels, untaughtLabels, notes=(), warnings=()) -> str:
+    def segmentationMessage(segmentNames, nodeName, emptyLabels, untaughtLabels, notes=(), warnings=(),
+                            otherKindLabels=()) -> str:
         """The status line after a segmentation: what was added, the empty segments said as their label allows
-        (an untaught label's empty segment is "not found (untaught label)", never absent), then the result's notes
-        (a name read as a trained label) and warnings (labels never taught, with the fix)."""
+        (an untaught label's empty segment is "not found (untaught label)", one taught only on other kinds of image
+        "not found (taught on other kinds of image)", never absent), then the result's notes (a name read as a
+        trained label) and warnings (labels never taught or taught on other images, with the fix)."""
         from SSAMSegmentLib.model.labels import empty_report
 
         message = _("Added {segments} to {node}.").format(segments=", ".join(segmentNames), node=nodeName)
-        parts = empty_report(emptyLabels, untaughtLabels) + [f"note: {note}" for note in notes] + [
+        parts = empty_report(emptyLabels, untaughtLabels, otherKindLabels) + [f"note: {note}" for note in notes] + [
             f"warning: {warning}" for warning in warnings]
         for part in parts:
             message += f" {part[0].upper()}{part[1:]}."

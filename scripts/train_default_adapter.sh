@@ -4,7 +4,8 @@
 # The default recipe, fitted to 80 minutes (--budget), continuing the adapter of commit a5febc9 (227 steps in 100
 # minutes on all the same sets, docs/fine_tuning.md): that run taught histology and polyps but no label as absent on
 # another kind of image; this one adds those certain absences (combine_datasets), which also give CT slices a larger
-# share of the balanced sampling (about 45% instead of 34%).
+# share of the balanced sampling (about 45% instead of 34%). The shipped file of that run got its record of the
+# kinds of image per label afterwards, with the same datasets: scripts/record_image_kinds.py (ssam train now writes it).
 # Usage: bash scripts/train_default_adapter.sh [WORK_DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -6,6 +6,7 @@
 import argparse
 from pathlib import Path
 
+from SSAMSegmentLib.files.image_io import IMAGE_KINDS
 from SSAMSegmentLib.model.adapter import read_metadata
 
 DATA_NOTES = """\
@@ -94,6 +95,17 @@ def _untrusted(meta: dict, absent_empty=None) -> str:
     return "\n".join(lines)
 
 
+def _taught_on(meta: dict) -> str:
+    """"Taught on 3D volumes: liver, spleen; 2D colour images: polyp." from the adapter's image_kinds."""
+    groups = {}
+    for label, kinds in (meta.get("image_kinds") or {}).items():
+        groups.setdefault(" and ".join(IMAGE_KINDS.get(k, (k, k))[1] for k in kinds), []).append(label)
+    if not groups:
+        return "The kinds of image each label was taught on are not recorded."
+    return ("Taught on " + "; ".join(f"{kinds}: {', '.join(labels)}" for kinds, labels in groups.items())
+            + ". Asked on another kind of image, a label is segmented with a warning that its mask is a guess there.")
+
+
 def _start(training: dict) -> str:
     start = training.get("start_from")
     if not start:
@@ -142,6 +154,8 @@ def card(adapter: Path, command: str, test_results=None, test_column="new") -> s
 use when no adapter is chosen, and what `ssam demo` runs.
 
 Labels: {', '.join(meta['labels'])}.
+
+{_taught_on(meta)}
 
 One connected organ each, so segmenting keeps only the largest 3D component: {', '.join(meta.get('keep_largest') or []) or 'none'}.
 

@@ -287,6 +287,19 @@ def is_rgb(image: sitk.Image) -> bool:
     return image.GetNumberOfComponentsPerPixel() == 3
 
 
+# An image's kind as training records it per label (training/datasets.py, in the adapter's "image_kinds") and
+# segmenting compares it (model/labels.py other_kind): a CT or MR volume, a grey picture (X-ray, fluorescence), a
+# colour one (endoscopy, histology). Singular and plural, as the messages say them.
+IMAGE_KINDS = {"3D": ("a 3D volume", "3D volumes"), "2D": ("a 2D grey image", "2D grey images"),
+               "2D RGB": ("a 2D colour image", "2D colour images"),
+               "3D RGB": ("a 3D colour volume", "3D colour volumes")}
+
+
+def image_kind(image: sitk.Image) -> str:
+    """"3D", "2D", "2D RGB" or "3D RGB" (a 3D image of one slice is 3D, as its reader gives it)."""
+    return f"{image.GetDimension()}D" + (" RGB" if is_rgb(image) else "")
+
+
 def image_from_array(array, spacing=None, origin=None, direction=None, rgb=None) -> sitk.Image:
     """A numpy array in SimpleITK order ((z,) y, x[, 3]) plus its geometry -> checked SimpleITK image."""
     if array is None or isinstance(array, (str, bytes)) or not hasattr(array, "__len__"):

@@ -23,7 +23,7 @@ import torch
 
 from ..model.devices import autocast
 from ..errors import Cancelled, SSAMError
-from ..files.image_io import check_image
+from ..files.image_io import check_image, image_kind
 from .intensity import choose_mapping, has_signal
 from .neighbour_slices import slice_pixels, uses_neighbours
 from . import tiling
@@ -76,6 +76,9 @@ class SegmentationResult:
     def untaught_labels(self) -> List[str]:
         return [name for name, match in self.label_status.items() if not match.taught]
 
+    # taught labels asked on another kind of image than they were taught on (labels.other_kind): a guess here
+    other_kind_labels: List[str] = dataclasses.field(default_factory=list)
+
     # label -> the decoder's predicted IoU on each slice, in the order of the image array along array_axis (NaN
     # where the slice was not decoded): SAM's own quality estimate, shown as a confidence.
     slice_confidence: "collections.OrderedDict[str, np.ndarray]" = dataclasses.field(default_factory=dict)
@@ -116,6 +119,8 @@ class SegmentationResult:
                 details.insert(0, match.describe())
             elif match is not None and match.status == labels.UNTAUGHT:
                 details.append("untaught label: a guess")
+            if name in self.other_kind_labels:
+                details.append("taught on other kinds of image: a guess")
             if self.confidence(name) is not None:
                 details.append(f"confidence {self.confidence(name):.2f}")
             check = self.slices_to_check(name)
@@ -127,7 +132,7 @@ class SegmentationResult:
                                + (f" {PROMPT_ALONE}" if name in self.refined_prompt_alone else ""))
             found.append(f"{name} ({', '.join(details)})")
         parts = [f"found {', '.join(found)}" if found else "no label found"]
-        parts += labels.empty_report(self.empty_labels, self.untaught_labels)
+        parts += labels.empty_report(self.empty_labels, self.untaught_labels, self.other_kind_labels)
         encoded = f" ({self.slices - self.skipped_slices} encoded)" if self.skipped_slices else ""
         details = f"{self.slices} {self.axis} slices{encoded}, {self.precision}, {self.seconds:.1f} s"
         return "; ".join(parts) + f" [{details}]"
@@ -168,6 +173,8 @@ class SliceLogits:
     matches: list  # labels.LabelMatch per label: how the adapter knew each requested name
     trained: List[str]  # the adapter's trained labels
     precision: str  # what the encoder ran in
+    other_kind: List[str] = dataclasses.field(default_factory=list)  # labels taught only on other kinds of image
+    other_kind_warning: Optional[str] = None  # labels.other_kind_warning for them
 
 
 @torch.inference_mode()
@@ -183,6 +190,8 @@ def slice_logits(model, image: sitk.Image, requested, axis: str = "auto", intens
     trained = model.labels.taught_names()
     matches = labels.match_labels(requested, trained)
     names = [match.name for match in matches]
+    kind = image_kind(image)
+    other = labels.other_kind(matches, model.label_kinds, kind)
     geometry = SliceGeometry.for_image(image, axis)
     mapping = choose_mapping(image, intensity, window)
     was_training = model.training
@@ -232,7 +241,7 @@ def slice_logits(model, image: sitk.Image, requested, axis: str = "auto", intens
     del targets, source
     return SliceLogits(image, names, geometry, mapping, outputs, quality,
                        schedule.skipped + len(without_signal),
-                       matches, trained, precision)
+                       matches, trained, precision, other, labels.other_kind_warning(other, model.label_kinds, kind))
 
 
 def segment_image(model, image: sitk.Image, requested, axis: str = "auto", threshold: float = 0.5,
@@ -271,7 +280,9 @@ def masks_from_logits(decoded: SliceLogits, logit_threshold: float, volume_conte
                               label_status=collections.OrderedDict((m.name, m) for m in matches),
                               trained_labels=list(trained),
                               notes=[line for line in [labels.mapping_note(matches)] if line],
-                              warnings=[line for line in [labels.untaught_warning(matches, trained)] if line],
+                              warnings=[line for line in [labels.untaught_warning(matches, trained),
+                                                          decoded.other_kind_warning] if line],
+                              other_kind_labels=list(decoded.other_kind),
                               precision=decoded.precision, slice_confidence=confidence,
                               volume_context=volume_context.describe())
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..files.atomic_file import atomic_output
 from ..errors import SSAMError
+from .labels import label_key
 
 # The newest format this version reads. An adapter is written with the lowest version that describes it, so that
 # older SSAM Segment refuses ("update SSAM Segment") only what it would misread: version 2 adds "neighbour_slices"
@@ -31,6 +32,9 @@ def _metadata(model, training_summary):
         "tensors": list(model.trainable_names()),
         # labels whose mask is one connected organ: volume_context.py keeps only their largest 3D component
         "keep_largest": list(model.keep_largest),
+        # per label, the kinds of image it was taught on (files/image_io.image_kind): labels.other_kind
+        "image_kinds": {name: model.label_kinds[label_key(name)] for name, _ in model.labels.items(taught_only=True)
+                        if label_key(name) in model.label_kinds},
         # labels segmented in native-resolution tiles (inference/tiling.py); absent: whole-image context for all
         "tiles": {label: record.to_json() for label, record in sorted(getattr(model, "tile_records", {}).items())},
         # the input channels are slices k-1, k, k+1 of a 3D image (inference/neighbour_slices.py); false: slice k
@@ -176,6 +180,9 @@ def load_adapter(model, path) -> dict:
     model.tile_records = records_from_metadata(metadata)
     model.adapter_metadata = metadata
     model.keep_largest = [str(name) for name in metadata.get("keep_largest", [])]
+    kinds = metadata.get("image_kinds", {})
+    model.label_kinds = ({label_key(str(name)): [str(kind) for kind in value] for name, value in kinds.items()
+                          if isinstance(value, list)} if isinstance(kinds, dict) else {})
     model.neighbour_slices = _neighbour_slices_of(metadata, path)
     model.adapter_path = Path(path)  # what a DICOM SEG names (and hashes) as the algorithm's adapter
     return metadata

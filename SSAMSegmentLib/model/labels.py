@@ -14,12 +14,18 @@ An adapter is taught the labels it was trained on (the names stored with their e
 - untaught: anything else. It is still segmented from its text embedding, but the model never learned it, so its
   mask is a guess and an empty mask says nothing about the image: it is reported as "not found (untaught label)",
   never as absent, with the fix (fine-tune an adapter on images where it is outlined).
+A taught (or mapped) label asked on another kind of image than it was taught on (files/image_io.image_kind: "liver",
+taught on CT and MR volumes, on a colour photograph) is segmented with a warning that its mask is a guess there, and
+an empty mask is "not found (taught on other kinds of image)", never absent. Adapters without that record (older
+ones) warn of nothing.
 """
 
 import dataclasses
 import re
 import shlex
-from typing import Iterable, List, Optional, Sequence, Union
+from typing import Dict, Iterable, List, Optional, Sequence, Union
+
+from ..files.image_io import IMAGE_KINDS
 
 TAUGHT = "taught"
 MAPPED = "mapped"
@@ -29,6 +35,7 @@ UNTAUGHT = "untaught"
 # an untaught label's is not.
 EMPTY_TAUGHT = "absent (empty mask)"
 EMPTY_UNTAUGHT = "not found (untaught label)"
+EMPTY_OTHER_KIND = "not found (taught on other kinds of image)"
 
 _SEPARATORS = re.compile(r"[,;\n]")
 # Irregular plurals of anatomy and histology words; the regular ones follow the rules in _singular.
@@ -158,11 +165,12 @@ def _quoted(names: Iterable[str]) -> str:
     return ", ".join(f"'{name}'" for name in names)
 
 
-def fine_tune_fix(labels: Sequence[str]) -> str:
-    """How to teach the model `labels`: the exact `ssam train` command (shell-quoted), or Slicer's Fine-tune section."""
+def fine_tune_fix(labels: Sequence[str], images: str = "images") -> str:
+    """How to teach the model `labels` on `images`: the exact `ssam train` command (shell-quoted), or Slicer's
+    Fine-tune section."""
     stem = re.sub(r"[^a-z0-9]+", "-", label_key(labels[0]) if labels else "").strip("-")
     adapter = f"{stem or 'my'}.adapter.safetensors"
-    return (f"to teach it, fine-tune on images where {'it is' if len(labels) == 1 else 'they are'} outlined: "
+    return (f"to teach it, fine-tune on {images} where {'it is' if len(labels) == 1 else 'they are'} outlined: "
             f"`ssam train DATA --labels {shlex.quote(','.join(labels))} --output {adapter}` (DATA: images/, masks/, "
             f"labels.json; see docs/fine_tuning.md) or Slicer's Fine-tune section, then segment with that adapter")
 
@@ -177,6 +185,26 @@ def untaught_warning(matches: Sequence[LabelMatch], trained: Sequence[str]) -> O
             f"about the image; {fine_tune_fix(untaught)}")
 
 
+def other_kind(matches: Sequence[LabelMatch], label_kinds: Dict[str, List[str]], kind: str) -> List[str]:
+    """The taught or mapped labels (their mask names) whose record of image kinds (model.label_kinds) lacks `kind`."""
+    return [m.name for m in matches
+            if m.taught and label_kinds.get(label_key(m.name)) and kind not in label_kinds[label_key(m.name)]]
+
+
+def other_kind_warning(names: Sequence[str], label_kinds: Dict[str, List[str]], kind: str) -> Optional[str]:
+    """One line for the labels `other_kind` returned, or None when there are none."""
+    if not names:
+        return None
+    def plural(name):
+        return " and ".join(IMAGE_KINDS.get(k, (k, k))[1] for k in label_kinds[label_key(name)])
+
+    taught = "; ".join(f"'{name}' only on {plural(name)}" for name in names)
+    one = len(names) == 1
+    return (f"this is {IMAGE_KINDS.get(kind, (kind, kind))[0]}, and the model was taught {taught}: "
+            f"{'its mask is' if one else 'their masks are'} a guess here, and an empty one says nothing about the "
+            f"image; {fine_tune_fix(list(names), 'images like this one')}")
+
+
 def mapping_note(matches: Sequence[LabelMatch]) -> Optional[str]:
     """"'Glands' segmented as the trained label 'gland'" for the mapped labels, or None."""
     mapped = [m for m in matches if m.status == MAPPED]
@@ -185,11 +213,14 @@ def mapping_note(matches: Sequence[LabelMatch]) -> Optional[str]:
     return "; ".join(f"'{m.requested}' segmented as the trained label '{m.name}'" for m in mapped)
 
 
-def empty_report(empty: Sequence[str], untaught: Sequence[str]) -> List[str]:
+def empty_report(empty: Sequence[str], untaught: Sequence[str], other_kind: Sequence[str] = ()) -> List[str]:
     """"absent (empty mask): spleen", "not found (untaught label): gland": the empty masks, each said as its label
-    allows (an untaught label's empty mask is never called absent)."""
+    allows (the empty mask of an untaught label, or of one taught on other kinds of image, is never called absent)."""
     untaught_keys = {label_key(name) for name in untaught}
-    absent = [name for name in empty if label_key(name) not in untaught_keys]
+    other_keys = {label_key(name) for name in other_kind} - untaught_keys
+    absent = [name for name in empty if label_key(name) not in untaught_keys | other_keys]
     not_found = [name for name in empty if label_key(name) in untaught_keys]
+    elsewhere = [name for name in empty if label_key(name) in other_keys]
     return ([f"{EMPTY_TAUGHT}: {', '.join(absent)}"] if absent else []) + (
-        [f"{EMPTY_UNTAUGHT}: {', '.join(not_found)}"] if not_found else [])
+        [f"{EMPTY_UNTAUGHT}: {', '.join(not_found)}"] if not_found else []) + (
+        [f"{EMPTY_OTHER_KIND}: {', '.join(elsewhere)}"] if elsewhere else [])

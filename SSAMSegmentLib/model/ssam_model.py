@@ -54,6 +54,9 @@ class SSAM(nn.Module):
         self.adapter_path = None  # the loaded adapter's file: what a DICOM SEG names (and hashes) as the algorithm's
         self.requested_precision = "auto"  # inference precision as asked (devices.PRECISIONS); see `precision`
         self.keep_largest: List[str] = []  # labels that are one connected organ (saved in the adapter)
+        # label_key -> the kinds of image it was taught on (files/image_io.image_kind; saved in the adapter); a label
+        # not in it has no record (an older adapter), and is never said to be asked on the wrong kind
+        self.label_kinds: Dict[str, List[str]] = {}
         # input channels: slices k-1, k, k+1 instead of slice k three times (ssam train --neighbour-slices; saved in the
         # adapter; inference/neighbour_slices.py)
         self.neighbour_slices = False

@@ -42,7 +42,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import SSAMError
-from ..files.image_io import check_image, has_image_suffix, is_truncated, same_geometry, strip_image_suffix
+from ..files.image_io import check_image, has_image_suffix, image_kind, is_truncated, same_geometry, strip_image_suffix
 from ..model.labels import label_key
 
 LAYOUTS = ("nnunet", "folder2d", "segnrrd", "dicomseg", "memory", "combined")
@@ -127,13 +127,17 @@ class Dataset:
     """A checked dataset: cases, label names (in value order), layout, and notes for the user."""
 
     def __init__(self, root: Optional[Path], layout: str, label_names: Sequence[str], cases: Sequence[Case],
-                 notes: Sequence[str] = (), image_kinds: Sequence[str] = ()):
+                 notes: Sequence[str] = (), image_kinds: Sequence[str] = (), label_kinds=None):
         self.root = root
         self.layout = layout
         self.label_names = list(label_names)
         self.cases = list(cases)
         self.notes = list(notes)
         self.image_kinds = sorted(set(image_kinds))
+        # label_key -> the kinds of image (files/image_io.image_kind) it is annotated on; the adapter keeps them so
+        # that segmenting can say when a label is asked on another kind (model/labels.py other_kind)
+        self.label_kinds = ({label_key(name): list(self.image_kinds) for name in self.label_names}
+                            if label_kinds is None else {key: sorted(kinds) for key, kinds in label_kinds.items()})
 
     def __len__(self):
         return len(self.cases)
@@ -225,10 +229,6 @@ def _geometry_problem(image: sitk.Image, mask: sitk.Image, image_name: str, mask
 
 def _size(image: sitk.Image) -> str:
     return "x".join(str(v) for v in image.GetSize())
-
-
-def _image_kind(image: sitk.Image) -> str:
-    return f"{image.GetDimension()}D" + (" RGB" if image.GetNumberOfComponentsPerPixel() == 3 else "")
 
 
 def _listdir(folder: Path) -> List[Path]:
@@ -500,7 +500,7 @@ def _check_labelmap_case(root: Path, pair: _Pair, specs, allowed, may_threshold:
         problems.append(str(error))
     if image is None or mask is None:
         return None
-    kinds.add(_image_kind(image))
+    kinds.add(image_kind(image))
     problem = _geometry_problem(image, mask, image_name, mask_name)
     if problem:
         problems.append(problem)
@@ -684,7 +684,7 @@ def _segnrrd_dataset(root: Path, labels, problems: List[str], notes: List[str]) 
             names_by_key.setdefault(label_key(segment), segment)
         if image is None:
             continue
-        kinds.add(_image_kind(image))
+        kinds.add(image_kind(image))
         arrays = _segments_on_grid(image, segments, image_name, seg_name)
         if isinstance(arrays, str):
             problems.append(arrays)
@@ -779,7 +779,7 @@ def _dicomseg_dataset(root: Path, labels, problems: List[str], notes: List[str])
             continue
         for segment in masks:
             names_by_key.setdefault(label_key(segment), segment)
-        kinds.add(_image_kind(image))
+        kinds.add(image_kind(image))
         present[pair.case_id] = {names_by_key[label_key(s)] for s, m in masks.items()
                                  if sitk.GetArrayViewFromImage(m).any()}
     names = _select(list(names_by_key.values()), labels, problems)
@@ -881,7 +881,7 @@ def memory_dataset(cases, label_names=None) -> Dataset:
         except SSAMError as error:
             problems.append(str(error))
             continue
-        kinds.add(_image_kind(image))
+        kinds.add(image_kind(image))
         if not isinstance(masks, dict) or not masks:
             problems.append(f"case {case_id!r} has no masks; give at least one segment")
             continue
@@ -1004,4 +1004,4 @@ def combine_datasets(datasets: Sequence[Dataset]) -> Dataset:
             cases.append(combined)
         notes += [f"{prefix}: {note}" for note in dataset.notes]
         kinds += dataset.image_kinds
-    return Dataset(None, "combined", union, cases, notes, kinds)
+    return Dataset(None, "combined", union, cases, notes, kinds, kinds_of_label)

@@ -551,6 +551,20 @@ def _start_from(model, adapter) -> None:
     load_adapter(model, resolve_adapter(adapter))  # TrainingConfig.check made sure it is a file, not the output
 
 
+def taught_kinds(model, dataset) -> dict:
+    """The kinds of image each label will have been taught on (model.label_kinds after this run): the dataset's for
+    its labels, joined with what the adapter the run starts from records. A label that adapter taught without a
+    record stays without one: nobody knows what it was shown."""
+    before = {label_key(name) for name, _ in model.labels.items(taught_only=True)}
+    kinds = {key: list(value) for key, value in model.label_kinds.items()}
+    for name in dataset.label_names:
+        key = label_key(name)
+        if key in before and key not in kinds:
+            continue
+        kinds[key] = sorted(set(kinds.get(key, [])) | set(dataset.label_kinds.get(key, [])))
+    return {key: value for key, value in kinds.items() if value}
+
+
 def start_record(adapter) -> Optional[dict]:
     """What the trained adapter records of the adapter its run started from: file name and SHA256."""
     if not adapter:
@@ -586,6 +600,7 @@ def train(config: TrainingConfig, progress: Optional[Callable[[TrainingProgress]
     if batch_size < world:
         raise SSAMError(f"batch size {batch_size} is smaller than the {world} training processes")
     text = model.text_embeddings(labels)  # encoded once; stored in the adapter
+    model.label_kinds = taught_kinds(model, dataset)
     model.labels.mark_taught(labels)
     if config.keep_largest is not None:  # else none, or those of the adapter the run starts from
         model.keep_largest = list(config.keep_largest)

@@ -182,3 +182,24 @@ def test_evaluate_command(adapter, tmp_path):
     assert run.returncode == 0, run.stderr
     assert "organ" in run.stdout and "1.000" in run.stdout
     assert (tmp_path / "report.json").is_file() and (tmp_path / "report.csv").is_file()
+
+
+def test_segment_says_when_a_label_was_taught_on_other_kinds_of_image(tmp_path):
+    """'organ' taught on 3D volumes only, asked on a colour photograph: the warning on stderr once, the empty mask
+    not found (never absent), exit 0; on a volume nothing is said."""
+    model = perturbed_model("test-vit", labels=("organ",), seed=7, image_size=64)
+    model.label_kinds = {"organ": ["3D"]}
+    adapter = model.save_adapter(tmp_path / "volumes.adapter.safetensors")
+    rng = np.random.default_rng(2)
+    sitk.WriteImage(sitk.GetImageFromArray(rng.integers(0, 255, (40, 48, 3)).astype(np.uint8), isVector=True),
+                    str(tmp_path / "photo.png"))
+    run = ssam("segment", tmp_path / "photo.png", "--label", "organ", "--adapter", adapter, "--output",
+               tmp_path / "photo.seg.nrrd", "--threshold", "0.999999")
+    assert run.returncode == 0, run.stderr
+    said = [line for line in run.stderr.splitlines() if line.startswith("ssam segment:")]
+    assert said == [f"ssam segment: warning: {labels.other_kind_warning(['organ'], model.label_kinds, '2D RGB')}"]
+    assert f"{labels.EMPTY_OTHER_KIND}: organ" in run.stdout and labels.EMPTY_TAUGHT not in run.stdout
+    _volume(tmp_path / "ct.nrrd")
+    run = ssam("segment", tmp_path / "ct.nrrd", "--label", "organ", "--adapter", adapter, "--output",
+               tmp_path / "ct.seg.nrrd")
+    assert run.returncode == 0 and "warning" not in run.stderr, run.stderr

@@ -2,6 +2,9 @@
 the wording every front end uses. The exact words are checked here, once; the CLI, batch script, Python API and
 Slicer Logic tests check that they use them (through the constants and functions of labels.py)."""
 
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -145,3 +148,52 @@ def test_a_looked_up_label_is_not_stored_as_trained(tmp_path):
     assert read_metadata(path)["labels"] == ["organ"]
     loaded = SSAMSegmentLib.load(base="test-vit", adapter=path, image_size=64)
     assert loaded.labels.taught_names() == ["organ"]
+
+
+# --- labels asked on another kind of image than they were taught on -------------------------------------------------
+
+
+def test_other_kind_wording_checked_once():
+    kinds = {"liver": ["3D"], "nucleus": ["2D", "2D RGB"], "polyp": ["2D RGB"]}
+    matches = match_labels(["Livers", "nucleus", "polyp", "tumour", "spleen"], TRAINED)
+    # liver (mapped from "Livers") was taught on volumes only; spleen has no record (an older adapter): no claim
+    assert labels.other_kind(matches, kinds, "2D RGB") == ["liver"]
+    assert labels.other_kind(matches, kinds, "3D") == ["nucleus", "polyp"]
+    assert labels.other_kind(matches, kinds, "2D") == ["liver", "polyp"]
+    warning = labels.other_kind_warning(["nucleus", "polyp"], kinds, "3D")
+    assert warning.startswith("this is a 3D volume, and the model was taught 'nucleus' only on 2D grey images and "
+                              "2D colour images; 'polyp' only on 2D colour images: their masks are a guess here")
+    assert "fine-tune on images like this one where they are outlined" in warning and "\n" not in warning
+    assert "absent" not in warning and labels.other_kind_warning([], kinds, "3D") is None
+    assert labels.EMPTY_OTHER_KIND == "not found (taught on other kinds of image)"
+    assert labels.empty_report(["spleen", "liver", "tumour"], ["tumour"], ["liver"]) == [
+        "absent (empty mask): spleen", "not found (untaught label): tumour",
+        "not found (taught on other kinds of image): liver"]
+
+
+def test_a_label_taught_on_volumes_asked_on_a_photograph_is_a_guess(model):
+    """The record travels in the adapter file; the result, its summary and its warning say it, and an empty mask is
+    never called absent there. On the kind it was taught on nothing is said."""
+    from SSAMSegmentLib.model.adapter import read_metadata
+
+    model.label_kinds = {"organ": ["3D"], "vessel": ["2D", "2D RGB"]}
+    try:
+        grey = _picture()
+        photo = sitk.GetImageFromArray(np.stack([grey] * 3, -1).clip(0, 255).astype(np.uint8), isVector=True)
+        result = model.segment(photo, ["organ", "vessel"], threshold=0.999999)
+        assert result.other_kind_labels == ["organ"]
+        assert result.warnings == [labels.other_kind_warning(["organ"], model.label_kinds, "2D RGB")]
+        assert f"{labels.EMPTY_OTHER_KIND}: organ" in result.summary() and "absent (empty mask): vessel" in \
+            result.summary() and "absent (empty mask): organ" not in result.summary()
+        found = model.segment(photo, ["organ"], threshold=0.01)
+        assert not found.empty_labels and "taught on other kinds of image: a guess" in found.summary()
+        volume = model.segment(sitk.JoinSeries([sitk.GetImageFromArray(grey)] * 3), ["organ", "vessel"])
+        assert volume.other_kind_labels == ["vessel"] and volume.warnings == [
+            labels.other_kind_warning(["vessel"], model.label_kinds, "3D")]
+        assert model.segment(grey, ["vessel"]).warnings == []  # 2D grey: taught
+        path = model.save_adapter(Path(tempfile.mkdtemp()) / "kinds.adapter.safetensors")
+        assert read_metadata(path)["image_kinds"] == {"organ": ["3D"], "vessel": ["2D", "2D RGB"]}
+        loaded = SSAMSegmentLib.load(base="test-vit", image_size=64, adapter=path, device="cpu")
+        assert loaded.label_kinds == model.label_kinds
+    finally:
+        model.label_kinds = {}

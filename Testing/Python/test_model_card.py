@@ -121,3 +121,20 @@ def test_the_card_reports_labels_of_another_kind_from_the_test_results(tmp_path)
     results.write_text(json.dumps({"studies": studies}))
     assert "left at least 95% of every test set empty" in script._other_kinds(script._absent_empty(results, "new"))
     assert "not measured" in script._other_kinds(script._absent_empty(None, "new"))
+
+
+def test_card_says_what_kinds_of_image_each_label_was_taught_on(metadata, card):
+    """The adapter records them (segmenting warns from them); the card's 'Taught on' line lists the same."""
+    from SSAMSegmentLib.files.image_io import IMAGE_KINDS
+
+    kinds = metadata.get("image_kinds")
+    assert kinds and set(kinds) == set(metadata["labels"])
+    line = re.search(r"^Taught on (.*?)\. Asked on another kind", card, re.M)
+    assert line, "the card has no 'Taught on' line"
+    listed = {}
+    for group in line.group(1).split("; "):
+        described, names = group.split(": ")
+        for name in names.split(", "):
+            listed[name] = described
+    plural = {value[1]: key for key, value in IMAGE_KINDS.items()}
+    assert {name: [plural[k] for k in described.split(" and ")] for name, described in listed.items()} == kinds

@@ -69,6 +69,22 @@ def test_a_colonoscopy_label_on_a_ct_finds_nearly_nothing(data_dir):
     reference = sitk.GetArrayFromImage(sitk.ReadImage(str(data_dir / "dcmqi-ct-3slice" / "liver_seg.nrrd"))) > 0
     result = model.segment(image, ["polyp"])
     assert sitk.GetArrayViewFromImage(result.masks["polyp"]).sum() < 0.01 * reference.sum()
+    assert result.other_kind_labels == ["polyp"] and "taught 'polyp' only on 2D colour images" in result.warnings[0]
+
+
+def test_the_default_adapter_warns_of_a_ct_organ_asked_on_a_colonoscopy_photograph(data_dir):
+    """liver, taught on CT and MR volumes, on a real Kvasir-SEG photograph (an RGB JPEG): a guess, said so; polyp,
+    taught on such photographs, is not warned of."""
+    from SSAMSegmentLib.files.image_io import read_image
+    from SSAMSegmentLib.model import labels
+
+    model = SSAMSegmentLib.load(adapter="default", merge=True)
+    image = read_image(sorted((data_dir / "kvasir-seg" / "images").glob("*.jpg"))[0])
+    result = model.segment(image, ["liver", "polyp"])
+    assert result.other_kind_labels == ["liver"]
+    assert result.warnings == [labels.other_kind_warning(["liver"], model.label_kinds, "2D RGB")]
+    assert "this is a 2D colour image, and the model was taught 'liver' only on 3D volumes" in result.warnings[0]
+    assert "absent (empty mask): liver" not in result.summary()
 
 
 def test_default_adapter_finds_the_liver_on_an_unseen_ct(data_dir):

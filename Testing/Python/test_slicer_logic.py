@@ -908,3 +908,25 @@ def test_cancelled_refine_leaves_the_segment_unchanged(scene, logic):
                      cancel=CancelAtOnce(), **TINY)
     np.testing.assert_array_equal(_segment_array(segmentation, volume, ids["liver"]), before)
     assert not saved  # no undo step for a change that never happened
+
+
+def test_a_label_taught_on_other_images_is_said_so_in_the_panel(tmp_path):
+    """An adapter that taught "organ" on colour photographs only, asked on a CT-like grey volume in a background
+    job: the job returns the label, and the status line calls its empty segment not found, with the warning."""
+    from helpers import perturbed_model
+    from SSAMSegmentLib.model import labels
+
+    model = perturbed_model(labels=("organ",), seed=5)
+    model.label_kinds = {"organ": ["2D RGB"]}
+    adapter = model.save_adapter(tmp_path / "photo.adapter.safetensors")
+    rng = np.random.default_rng(1)
+    sitk.WriteImage(sitk.GetImageFromArray(rng.normal(50, 20, (2, 40, 44)).astype(np.float32)),
+                    str(tmp_path / "input.nrrd"))
+    job = {"image": "input.nrrd", "labels": ["organ"], "adapter": str(adapter), "device": "cpu", "threshold": 0.999999}
+    events = type("Events", (), {"emit": lambda self, *a, **k: None})()
+    done = background_task._segmentation_job(job, tmp_path, events, type("Never", (), {"is_set": lambda s: False})())
+    warning = labels.other_kind_warning(["organ"], {"organ": ["2D RGB"]}, "3D")
+    assert done["other_kind_labels"] == ["organ"] and done["warnings"] == [warning]
+    message = Logic.segmentationMessage(["organ"], "Seg", done["empty_labels"], done["untaught_labels"], done["notes"],
+                                        done["warnings"], done["other_kind_labels"])
+    assert message == f"Added organ to Seg. Not found (taught on other kinds of image): organ. Warning: {warning}."

@@ -425,3 +425,30 @@ def test_each_dataset_holds_an_equal_share_of_a_labels_absent_examples():
     assert np.isclose(weights[:2].sum(), 1.0)  # present: as much as absent
     for rows in (slice(2, 4), slice(4, 24), slice(24, 26)):  # absent: CT's own empty slices, polyp, gland
         assert np.isclose(weights[rows].sum(), 1 / 3)
+
+
+def _as_colour(root):
+    """The dataset at `root` with its images turned to RGB (the masks unchanged): another kind of image."""
+    for path in (root / "images").iterdir():
+        grey = sitk.ReadImage(str(path))
+        sitk.WriteImage(sitk.Compose([grey] * 3), str(path))
+    return root
+
+
+def test_the_adapter_records_the_kinds_of_image_each_label_was_taught_on(disks, tmp_path):
+    """What segmenting compares an image with (model/labels.py other_kind): 2D grey disks, then a run started from
+    that adapter on colour images joins its kinds; a label taught before without a record keeps none."""
+    from SSAMSegmentLib.training.datasets import open_dataset
+    from SSAMSegmentLib.training.trainer import taught_kinds
+
+    first = train(_config(disks, tmp_path, labels=["disk"], steps=1))
+    assert read_metadata(first.adapter_path)["image_kinds"] == {"disk": ["2D"]}
+    colour = _as_colour(write_disk_dataset(tmp_path / "colour", seed=1))
+    second = train(_config(colour, tmp_path, start_from=str(first.adapter_path), steps=1,
+                           output=str(tmp_path / "second" / "both.adapter.safetensors")))
+    assert read_metadata(second.adapter_path)["image_kinds"] == {"disk": ["2D", "2D RGB"], "square": ["2D RGB"]}
+    assert SSAMSegmentLib.load(adapter=second.adapter_path).label_kinds == {"disk": ["2D", "2D RGB"],
+                                                                          "square": ["2D RGB"]}
+    older = SSAMSegmentLib.load(adapter=first.adapter_path)
+    older.label_kinds = {}  # as an adapter saved before the record existed
+    assert taught_kinds(older, open_dataset(colour)) == {"square": ["2D RGB"]}

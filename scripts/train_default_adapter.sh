@@ -4,8 +4,9 @@
 # The default recipe, fitted to 80 minutes (--budget), continuing the adapter of commit a5febc9 (227 steps in 100
 # minutes on all the same sets, docs/fine_tuning.md): that run taught histology and polyps but no label as absent on
 # another kind of image; this one adds those certain absences (combine_datasets), which also give CT slices a larger
-# share of the balanced sampling (about 45% instead of 34%). The shipped file of that run got its record of the
-# kinds of image per label afterwards, with the same datasets: scripts/record_image_kinds.py (ssam train now writes it).
+# share of the balanced sampling (about 45% instead of 34%). The shipped file of that run was then amended (tensors
+# unchanged) by the last command below: the kinds of image per label, which `ssam train` now records itself, and
+# tiles of 256 px for nucleus, the scale of its pre-cut training crops (docs/fine_tuning.md, "Tiles").
 # Usage: bash scripts/train_default_adapter.sh [WORK_DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,5 +22,7 @@ COMMAND=(.venv/bin/ssam train "$DATA/ct-mr" "$DATA/polyp-train" "$DATA/gland-tra
          --output Resources/Models/ssam-default.adapter.safetensors --seed 0 --overwrite
          --keep-largest liver --keep-largest spleen --budget 80 --start-from "$START")
 "${COMMAND[@]}"
+.venv/bin/python scripts/amend_adapter.py Resources/Models/ssam-default.adapter.safetensors --tile nucleus=256 \
+    --kinds-from "$DATA/ct-mr" "$DATA/polyp-train" "$DATA/gland-train" "$DATA/nuclei-train" "$DATA/nuclei-he-train"
 .venv/bin/python scripts/write_model_card.py Resources/Models/ssam-default.adapter.safetensors \
     Resources/Models/ssam-default.md --command "${COMMAND[*]}"

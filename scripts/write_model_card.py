@@ -106,6 +106,12 @@ def _taught_on(meta: dict) -> str:
             + ". Asked on another kind of image, a label is segmented with a warning that its mask is a guess there.")
 
 
+def _tiles(meta: dict) -> str:
+    tiles = meta.get("tiles") or {}
+    listed = ", ".join(f"{label} ({value['tile']} px, overlap {value['overlap']})" for label, value in tiles.items())
+    return f"Segmented in native-resolution tiles on larger images: {listed or 'none'}; the other labels see the whole image."
+
+
 def _start(training: dict) -> str:
     start = training.get("start_from")
     if not start:
@@ -158,6 +164,8 @@ Labels: {', '.join(meta['labels'])}.
 {_taught_on(meta)}
 
 One connected organ each, so segmenting keeps only the largest 3D component: {', '.join(meta.get('keep_largest') or []) or 'none'}.
+
+{_tiles(meta)}
 
 **A demonstration model, not a clinical one.** It was trained by the project on the few real images available
 offline: {training.get('train_slices')} training slices, and its CT labels are another model's predictions. Train your own adapter on your data

@@ -138,3 +138,11 @@ def test_card_says_what_kinds_of_image_each_label_was_taught_on(metadata, card):
             listed[name] = described
     plural = {value[1]: key for key, value in IMAGE_KINDS.items()}
     assert {name: [plural[k] for k in described.split(" and ")] for name, described in listed.items()} == kinds
+
+
+def test_card_lists_the_tiled_labels_of_the_metadata(metadata, card):
+    line = re.search(r"^Segmented in native-resolution tiles on larger images: (.*?); the other", card, re.M)
+    assert line, "the card has no tiles line"
+    tiles = metadata.get("tiles") or {}
+    listed = re.findall(r"(\w[\w ]*) \((\d+) px, overlap (\d+)\)", line.group(1))
+    assert {label: {"tile": int(t), "overlap": int(o)} for label, t, o in listed} == tiles

@@ -93,6 +93,14 @@ def _info(args) -> int:
         context = ("slices k-1, k, k+1 (trained with --neighbour-slices)" if metadata.get("neighbour_slices")
                    else "slice k")
         print(f"  input slices  {context}")
+        kinds = metadata.get("image_kinds") or {}  # what segmenting warns from (model/labels.py other_kind)
+        if kinds:
+            taught_on = "; ".join(f"{label} ({', '.join(value)})" for label, value in kinds.items())
+            print(f"  taught on     {taught_on}")
+        tiles = metadata.get("tiles") or {}  # inference/tiling.py
+        if tiles:
+            listed = ", ".join(f"{label} ({value['tile']} px)" for label, value in tiles.items())
+            print(f"  tiles         {listed}")
         for key, value in (metadata.get("training") or {}).items():
             print(f"  {key:<14}{value}")
     return 0

@@ -203,3 +203,5 @@ def test_segment_says_when_a_label_was_taught_on_other_kinds_of_image(tmp_path):
     run = ssam("segment", tmp_path / "ct.nrrd", "--label", "organ", "--adapter", adapter, "--output",
                tmp_path / "ct.seg.nrrd")
     assert run.returncode == 0 and "warning" not in run.stderr, run.stderr
+    info = ssam("info", "--adapter", adapter, "--no-weights")
+    assert info.returncode == 0 and "  taught on     organ (3D)\n" in info.stdout, info.stdout

@@ -74,7 +74,7 @@ def add_arguments(parser):
     parser.add_argument("--neighbour-slices", dest="neighbour_slices", action="store_true",
                         help="2.5D: the model's three input channels carry slices k-1, k, k+1 of 3D images instead "
                              "of slice k three times (recorded in the adapter; segmenting then does the same); 2D and "
-                             "RGB images are unaffected. Off by default until measured (docs/fine_tuning.md)")
+                             "RGB images are unaffected. Off by default: on the project's CTs it did worse (docs/fine_tuning.md)")
     parser.add_argument("--keep-largest", action="append", metavar="LABEL",
                         help="a label that is one connected organ (e.g. liver): segmenting keeps only its largest 3D "
                              "component; repeat for several")

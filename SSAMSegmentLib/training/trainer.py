@@ -69,8 +69,8 @@ class TrainingConfig:
     keep_largest: Optional[List[str]] = None  # labels that are one connected organ, recorded in the adapter
     tiles: str = "auto"  # "auto": native-resolution tiles for labels with small structures (tile_plan.py); "off"
     # --neighbour-slices: a 3D case's input channels are slices k-1, k, k+1 (inference/neighbour_slices.py), recorded
-    # in the adapter so segmenting feeds the same; 2D and RGB cases are unaffected. Off by default until measured
-    # (benchmarks/measure_context.py).
+    # in the adapter so segmenting feeds the same; 2D and RGB cases are unaffected. Off by default: measured worse on
+    # the project's CTs (benchmarks/measure_context.py, docs/fine_tuning.md).
     neighbour_slices: bool = False
     overwrite: bool = False  # replace an existing adapter and checkpoint (resuming a run's own checkpoint does)
     # an adapter (path, or "default" for the shipped one) whose trained tensors and labels the run starts from

@@ -211,7 +211,7 @@ class SSAM(nn.Module):
         (N, P): 1 inside, 0 outside, both in pixels of the model's padded S x S input (model_coordinates in
         inference/preprocessing.py). Boxes and points go through the base's own prompt encoder, as it was trained
         (LiteMedSAM: boxes), and the text tokens are put in front of them. with_quality=True also returns the
-        decoder's predicted IoU (N,), SAM's own estimate of the mask's quality.
+        decoder's predicted IoU (N,), SAM's own estimate of the mask's quality, in [0, 1].
         """
         given = [t.shape[0] for t in (tokens, boxes, points) if t is not None]
         if not given:
@@ -238,7 +238,8 @@ class SSAM(nn.Module):
             dense_prompt_embeddings=dense,
             multimask_output=False,
         )
-        return (logits, quality[:, 0]) if with_quality else logits
+        # SAM's quality head regresses an IoU and can overshoot it (1.13 seen on a Kvasir polyp): an IoU is in [0, 1]
+        return (logits, quality[:, 0].clamp(0.0, 1.0)) if with_quality else logits
 
     def forward(self, images: torch.Tensor, labels: Union[Sequence[str], torch.Tensor], every_label=False):
         """images (B, 3, S, S) preprocessed -> low-res logits over the padded S x S input.

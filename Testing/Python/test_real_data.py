@@ -85,6 +85,7 @@ def test_the_default_adapter_warns_of_a_ct_organ_asked_on_a_colonoscopy_photogra
     assert result.warnings == [labels.other_kind_warning(["liver"], model.label_kinds, "2D RGB")]
     assert "this is a 2D colour image, and the model was taught 'liver' only on 3D volumes" in result.warnings[0]
     assert "absent (empty mask): liver" not in result.summary()
+    assert 0.0 <= result.confidence("polyp") <= 1.0  # SAM's IoU head said 1.13 here before it was clamped
 
 
 def test_default_adapter_finds_the_liver_on_an_unseen_ct(data_dir):

@@ -120,6 +120,7 @@ def test_segmentation_reports_a_confidence_per_label_and_slice():
     for label in ("organ", "vessel"):
         scores = result.slice_confidence[label]
         assert scores.shape == (image.GetSize()[2],) and np.isfinite(scores).all()
+        assert ((scores >= 0) & (scores <= 1)).all()  # a predicted IoU, whatever the head regresses
     found = [label for label in result.masks if label not in result.empty_labels]
     assert found, "the perturbed model finds something on the phantom"
     assert result.confidence(found[0]) == pytest.approx(

@@ -36,7 +36,7 @@ def _metadata(model, training_summary):
         "image_kinds": {name: model.label_kinds[label_key(name)] for name, _ in model.labels.items(taught_only=True)
                         if label_key(name) in model.label_kinds},
         # labels segmented in native-resolution tiles (inference/tiling.py); absent: whole-image context for all
-        "tiles": {label: record.to_json() for label, record in sorted(getattr(model, "tile_records", {}).items())},
+        "tiles": {label: record.to_json() for label, record in sorted(model.tile_records.items())},
         # the input channels are slices k-1, k, k+1 of a 3D image (inference/neighbour_slices.py); false: slice k
         "neighbour_slices": bool(model.neighbour_slices),
         "training": training_summary or {},

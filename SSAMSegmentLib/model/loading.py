@@ -74,7 +74,6 @@ def load(base=None, adapter=None, text_encoder=None, device="auto", image_size=N
     parts, digest = build_base(base, weights=weights, checkpoint=checkpoint)
     model = SSAM(spec, parts, image_size, text_spec.id, text_spec.dim, digest)
     model.adapter_metadata = None
-    model.tile_records = {}  # label -> inference.tiling.TileRecord, from the adapter or set by training
     model.adapter_path = None
     if adapter_path:
         model.load_adapter(adapter_path)

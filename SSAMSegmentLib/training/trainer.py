@@ -542,7 +542,7 @@ def _agree(value, world):
 def _start_from(model, adapter) -> None:
     """Load the adapter a run starts from (TrainingConfig.start_from) into the freshly built model; its taught labels
     stay taught, the run's own labels are added, and so are its keep-largest labels unless the run names its own;
-    tiles and input channels come from this run."""
+    its tile records stay for the labels the run does not train; input channels come from this run."""
     if not adapter:
         return None
     from ..model.adapter import load_adapter
@@ -609,9 +609,12 @@ def train(config: TrainingConfig, progress: Optional[Callable[[TrainingProgress]
         model.freeze_singular_values()
 
     # Labels whose structures the whole image at the model's input would shrink to a few pixels train and segment
-    # in native-resolution tiles (inference/tiling.py); the plan goes into the adapter.
+    # in native-resolution tiles (inference/tiling.py); the plan goes into the adapter, beside the records of the
+    # --start-from adapter's labels that this run does not train (their scale is what they learnt).
     tile_plan = plan_tiles(train_cases, labels, model.image_size, config.axis, cancel) if config.tiles == "auto" else {}
-    model.tile_records = tile_plan
+    trained_keys = {label_key(name) for name in labels}
+    model.tile_records = {**{name: record for name, record in model.tile_records.items()
+                             if label_key(name) not in trained_keys}, **tile_plan}
 
     def prepare(cases, what):
         def step(fraction, message):

@@ -452,3 +452,19 @@ def test_the_adapter_records_the_kinds_of_image_each_label_was_taught_on(disks, 
     older = SSAMSegmentLib.load(adapter=first.adapter_path)
     older.label_kinds = {}  # as an adapter saved before the record existed
     assert taught_kinds(older, open_dataset(colour)) == {"square": ["2D RGB"]}
+
+
+def test_a_run_from_an_adapter_keeps_the_tiles_of_the_labels_it_does_not_train(disks, tmp_path):
+    """The start adapter's tile record for 'disk' (the scale it learnt 'disk' at) survives a run that trains only
+    'square'; a run that trains 'disk' again plans it from its own data (these 48-pixel images: no tiles)."""
+    from SSAMSegmentLib.inference.tiling import TileRecord
+
+    first = SSAMSegmentLib.load(adapter=train(_config(disks, tmp_path, labels=["disk"], steps=1)).adapter_path)
+    first.tile_records = {"disk": TileRecord(32, 8)}
+    start = first.save_adapter(tmp_path / "tiled.adapter.safetensors")
+    kept = train(_config(disks, tmp_path, labels=["square"], start_from=str(start), steps=1,
+                         output=str(tmp_path / "kept" / "square.adapter.safetensors")))
+    assert read_metadata(kept.adapter_path)["tiles"] == {"disk": {"tile": 32, "overlap": 8}}
+    again = train(_config(disks, tmp_path, start_from=str(start), steps=1,
+                          output=str(tmp_path / "again" / "both.adapter.safetensors")))
+    assert read_metadata(again.adapter_path)["tiles"] == {}

@@ -6,7 +6,7 @@
 import argparse
 from pathlib import Path
 
-from SSAMSegmentLib.files.image_io import IMAGE_KINDS
+from SSAMSegmentLib.files.image_io import kinds_in_words
 from SSAMSegmentLib.model.adapter import read_metadata
 
 DATA_NOTES = """\
@@ -99,7 +99,7 @@ def _taught_on(meta: dict) -> str:
     """"Taught on 3D volumes: liver, spleen; 2D colour images: polyp." from the adapter's image_kinds."""
     groups = {}
     for label, kinds in (meta.get("image_kinds") or {}).items():
-        groups.setdefault(" and ".join(IMAGE_KINDS.get(k, (k, k))[1] for k in kinds), []).append(label)
+        groups.setdefault(kinds_in_words(kinds), []).append(label)
     if not groups:
         return "The kinds of image each label was taught on are not recorded."
     return ("Taught on " + "; ".join(f"{kinds}: {', '.join(labels)}" for kinds, labels in groups.items())

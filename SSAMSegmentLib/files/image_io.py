@@ -295,6 +295,11 @@ IMAGE_KINDS = {"3D": ("a 3D volume", "3D volumes"), "2D": ("a 2D grey image", "2
                "3D RGB": ("a 3D colour volume", "3D colour volumes")}
 
 
+def kinds_in_words(kinds, one: bool = False) -> str:
+    """"2D grey images and 2D colour images" for ["2D", "2D RGB"]; one=True: "a 2D grey image" (for one kind)."""
+    return " and ".join(IMAGE_KINDS.get(kind, (kind, kind))[0 if one else 1] for kind in kinds)
+
+
 def image_kind(image: sitk.Image) -> str:
     """"3D", "2D", "2D RGB" or "3D RGB" (a 3D image of one slice is 3D, as its reader gives it)."""
     return f"{image.GetDimension()}D" + (" RGB" if is_rgb(image) else "")

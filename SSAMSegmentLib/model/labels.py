@@ -25,7 +25,7 @@ import re
 import shlex
 from typing import Dict, Iterable, List, Optional, Sequence, Union
 
-from ..files.image_io import IMAGE_KINDS
+from ..files.image_io import kinds_in_words
 
 TAUGHT = "taught"
 MAPPED = "mapped"
@@ -195,12 +195,9 @@ def other_kind_warning(names: Sequence[str], label_kinds: Dict[str, List[str]], 
     """One line for the labels `other_kind` returned, or None when there are none."""
     if not names:
         return None
-    def plural(name):
-        return " and ".join(IMAGE_KINDS.get(k, (k, k))[1] for k in label_kinds[label_key(name)])
-
-    taught = "; ".join(f"'{name}' only on {plural(name)}" for name in names)
+    taught = "; ".join(f"'{name}' only on {kinds_in_words(label_kinds[label_key(name)])}" for name in names)
     one = len(names) == 1
-    return (f"this is {IMAGE_KINDS.get(kind, (kind, kind))[0]}, and the model was taught {taught}: "
+    return (f"this is {kinds_in_words([kind], one=True)}, and the model was taught {taught}: "
             f"{'its mask is' if one else 'their masks are'} a guess here, and an empty one says nothing about the "
             f"image; {fine_tune_fix(list(names), 'images like this one')}")
 

@@ -160,9 +160,12 @@ class SSAM(nn.Module):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        if mode and not self.singular_values_frozen:
-            self.unmerge()
-            # BatchNorm statistics stay the pretrained ones: only the BN scales and shifts are trained.
+        if mode:
+            if not self.singular_values_frozen:
+                self.unmerge()
+            # BatchNorm statistics stay the pretrained ones in either tuning: only the BN scales and shifts are
+            # trained, and the adapter stores no statistics (norms-only training once ran BatchNorm on each
+            # slice's own statistics, so its adapter segmented with other statistics than it was fit with).
             for module in self.image_encoder.modules():
                 if isinstance(module, nn.BatchNorm2d):
                     module.eval()

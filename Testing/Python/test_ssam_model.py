@@ -173,12 +173,16 @@ def test_image_size_checks():
         get_base("sam_vit_z")
 
 
-def test_batchnorm_statistics_stay_frozen_in_training():
+@pytest.mark.parametrize("norms_only", [False, True])
+def test_batchnorm_statistics_stay_frozen_in_training(norms_only):
     model = SSAMSegmentLib.load(base="test-tinyvit")
     model.labels.add("x", torch.ones(model.text_dim))
+    if norms_only:  # the paper's ablation baseline (tune="norms") trains the same BatchNorm scales and shifts
+        model.freeze_singular_values()
     bn = next(m for m in model.image_encoder.modules() if isinstance(m, nn.BatchNorm2d))
     before = bn.running_mean.clone()
     model.train()
+    assert not bn.training
     model(torch.rand(2, 3, 256, 256) * 5, ["x", "x"])
     assert torch.equal(bn.running_mean, before)
     assert bn.weight.requires_grad

@@ -28,7 +28,8 @@ reading), "classic" averages over the images where the label is present only. Me
 
 Resumable: each run lives in --work/STUDY/; a finished one (its .result.json) is reused, an interrupted one resumed
 from its checkpoint; evaluations are cached by the adapter file's SHA-256. Studies run at different times accumulate
-in --work/compare_tuning.json and the docs section shows every study there, each with the command that made it.
+in --work/compare_tuning.json and the docs section shows every study there, each with the command that made it; a
+study already in the docs section but not in that file (run in another session) keeps its subsection as it was.
 """
 
 import argparse
@@ -466,10 +467,27 @@ averages over images (slices) where the label is present only; the box prompt, g
 has only the classic reading. Means per label over the test images."""
 
 
+def earlier_subsections(docs: Path) -> Dict[str, str]:
+    """title -> markdown of each study already in the docs section. A study run in another session (its --work
+    folder gone) keeps its subsection, which ends with its own command and date, until it is run again."""
+    text = Path(docs).read_text() if Path(docs).is_file() else ""
+    start, end = f"<!-- benchmark:{SECTION} -->", f"<!-- /benchmark:{SECTION} -->"
+    if start not in text or end not in text:
+        return {}
+    section = text.split(start, 1)[1].split(end, 1)[0]
+    parts = section.split("\n### ")[1:]
+    return {part.split("\n", 1)[0].strip(): "### " + part.strip() for part in parts}
+
+
 def write_docs(records: Dict[str, dict], docs: Path, command: str, threads: int):
     ordered = [records[name] for name in STUDIES if name in records] + \
               [record for name, record in records.items() if name not in STUDIES]
-    body = "\n\n".join([SECTION_INTRO] + [study_markdown(record) for record in ordered])
+    new = {record["title"]: study_markdown(record) for record in ordered}
+    kept = {title: text for title, text in earlier_subsections(docs).items() if title not in new}
+    order = [study.title for study in STUDIES.values()]
+    subsections = sorted({**new, **kept}.items(), key=lambda item: order.index(item[0]) if item[0] in order
+                         else len(order))
+    body = "\n\n".join([SECTION_INTRO] + [text for _, text in subsections])
     bench_common.write_section(docs, SECTION, "Per-dataset study: S-SAM, norms-only and the box prompt on test "
                                "images (generated)", body, threads, command=command)
 

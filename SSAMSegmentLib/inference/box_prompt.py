@@ -20,13 +20,16 @@ def mask_box(mask: np.ndarray):
 
 
 @torch.inference_mode()
-def box_prompt_masks(model, rgb_slice: np.ndarray, boxes, spacing=(1.0, 1.0), threshold_logit: float = 0.0):
-    """uint8 masks (len(boxes), H, W) for one slice (H, W, 3 in 0..255) prompted with pixel boxes (x0, y0, x1, y1)."""
+def box_prompt_masks(model, rgb_slice: np.ndarray, boxes, spacing=(1.0, 1.0), threshold_logit: float = 0.0,
+                     with_quality: bool = False):
+    """uint8 masks (len(boxes), H, W) for one slice (H, W, 3 in 0..255) prompted with pixel boxes (x0, y0, x1, y1);
+    with_quality=True also returns the decoder's predicted IoU per box (numpy, len(boxes))."""
     height, width = rgb_slice.shape[:2]
     pixels = torch.from_numpy(np.ascontiguousarray(rgb_slice, dtype=np.float32)).permute(2, 0, 1)[None]
     inputs, content = to_model_input(pixels.to(model.device), model.image_size, model.pixel_mean, model.pixel_std, spacing)
     box_tensor = model_coordinates(np.asarray(boxes, dtype=np.float32).reshape(-1, 4), (height, width),
                                    model.image_size, spacing)
-    logits = model.decode(model.encode_images(inputs), boxes=box_tensor)
+    logits, quality = model.decode(model.encode_images(inputs), boxes=box_tensor, with_quality=True)
     logits = logits_to_slice(logits, model.image_size, content, (height, width))
-    return (logits[:, 0] > threshold_logit).to(torch.uint8).cpu().numpy()
+    masks = (logits[:, 0] > threshold_logit).to(torch.uint8).cpu().numpy()
+    return (masks, quality.float().cpu().numpy()) if with_quality else masks

@@ -155,3 +155,7 @@ def test_litemedsam_box_prompt_reaches_published_quality(data_dir):
         scores.append(2 * (predicted & reference[k]).sum() / (predicted.sum() + reference[k].sum()))
     assert min(scores) >= 0.85, scores
     assert np.mean(scores) >= 0.9, scores
+    # with its quality: the same mask, and the base's predicted IoU of a mask this good is high
+    masks, quality = box_prompt_masks(model, mapping.apply(array[0]), [mask_box(reference[0])], with_quality=True)
+    assert np.array_equal(masks, box_prompt_masks(model, mapping.apply(array[0]), [mask_box(reference[0])]))
+    assert quality.shape == (1,) and 0.7 <= quality[0] <= 1.0, quality

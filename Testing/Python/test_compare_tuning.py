@@ -133,12 +133,17 @@ def test_study_table_and_json_hold_the_measured_test_dice(tmp_path):
 
     # The docs: the generated section replaced in place, the hand-written text after its end marker kept.
     docs = tmp_path / "fine_tuning.md"
-    docs.write_text("# Fine-tuning\n\n<!-- benchmark:compare-tuning -->\nold numbers\n"
+    # A study of another session (not in this --work's JSON) keeps its subsection; this study's old one is replaced.
+    polyp = compare.STUDIES["polyp"].title
+    docs.write_text("# Fine-tuning\n\n<!-- benchmark:compare-tuning -->\nold numbers\n\n"
+                    f"### {study.title}\n\nold disks table\n\n### {polyp}\n\nkept polyp table\n"
                     "<!-- /benchmark:compare-tuning -->\n\n## Reading (hand-written)\n\nKept.\n")
     compare.save_results(work, {"studies": {"disks": again}})
     compare.write_docs(compare.load_results(work)["studies"], docs, "python benchmarks/compare_tuning.py X", 1)
     written = docs.read_text()
     assert "old numbers" not in written and written.count("<!-- /benchmark:compare-tuning -->") == 1
+    assert "old disks table" not in written and written.count(f"### {study.title}") == 1
+    assert "kept polyp table" in written and written.index(f"### {polyp}") < written.index(f"### {study.title}")
     assert written.endswith("## Reading (hand-written)\n\nKept.\n")
     assert _table_row(written, "disk")[-2:] == [f"{ssam['dice']:.3f}", f"{ssam['dice_classic']:.3f}"]
     stored = json.loads((work / "compare_tuning.json").read_text())["studies"]["disks"]

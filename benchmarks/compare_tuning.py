@@ -4,6 +4,7 @@ no run trained or validated on. Writes the generated section of docs/fine_tuning
     python scripts/build_default_training_data.py /tmp/dd
     python benchmarks/compare_tuning.py /tmp/dd --work /tmp/compare --budget 45 [--studies polyp gland]
         [--adapter shipped=default] [--tiles-off]
+    python benchmarks/compare_tuning.py /tmp/dd --work /tmp/compare --steps 120 --studies gland   # equal steps
     python benchmarks/compare_tuning.py /tmp/dd --adapter shipped=default   # no --budget: evaluation only
 
 One study per real dataset (STUDIES; the folder names are those scripts/build_default_training_data.py writes):
@@ -125,13 +126,14 @@ def _sha256(path: Path) -> str:
 # --- training ---------------------------------------------------------------------------------------------------
 
 
-def train_run(study: Study, run: Run, data: Path, work: Path, budget: float, seed: int, base: str, log=_log) -> dict:
+def train_run(study: Study, run: Run, data: Path, work: Path, budget: Optional[float], seed: int, base: str, log=_log,
+              steps: Optional[int] = None) -> dict:
     """Train one column (or reuse the finished run in `work`, or resume the interrupted one): its record."""
     from SSAMSegmentLib.training.trainer import TrainingConfig, train
 
     settings = {"train": list(study.train), "val": list(study.val) if study.val else None, "labels": list(study.labels),
                 "val_fraction": None if study.val else study.val_fraction, "budget_minutes": budget, "seed": seed,
-                "base": base, "tune": run.tune, "tiles": run.tiles}
+                "base": base, "tune": run.tune, "tiles": run.tiles, "steps": steps}
     record_path = work / f"{run.key}.result.json"
     if record_path.is_file():
         record = json.loads(record_path.read_text())
@@ -144,7 +146,7 @@ def train_run(study: Study, run: Run, data: Path, work: Path, budget: float, see
     config = TrainingConfig(data=[str(data / name) for name in study.train],
                             val_data=[str(data / name) for name in study.val] if study.val else None,
                             val_fraction=study.val_fraction, labels=list(study.labels), output=str(output), base=base,
-                            budget_minutes=budget, seed=seed, tune=run.tune, tiles=run.tiles)
+                            budget_minutes=budget, steps=steps, seed=seed, tune=run.tune, tiles=run.tiles)
     checkpoint = config.checkpoint_path()
     if checkpoint.is_file():
         config.resume = str(checkpoint)
@@ -316,9 +318,11 @@ def label_means(rows, labels) -> dict:
 # --- one study --------------------------------------------------------------------------------------------------
 
 
-def run_study(study: Study, data: Path, work: Path, budget: float, seed: int = 0, base: str = "litemedsam",
-              adapters: Optional[Dict[str, str]] = None, tiles_off: bool = False, command: str = "", log=_log) -> dict:
-    """Train the study's runs, evaluate every column on its test images; the study's record (all numbers)."""
+def run_study(study: Study, data: Path, work: Path, budget: Optional[float], seed: int = 0, base: str = "litemedsam",
+              adapters: Optional[Dict[str, str]] = None, tiles_off: bool = False, command: str = "", log=_log,
+              steps: Optional[int] = None) -> dict:
+    """Train the study's runs (each for `budget` minutes, or `steps` optimizer steps), evaluate every column on its
+    test images; the study's record (all numbers)."""
     from SSAMSegmentLib.model.loading import resolve_adapter
 
     extra = {name: resolve_adapter(path) for name, path in (adapters or {}).items()}
@@ -346,15 +350,15 @@ def run_study(study: Study, data: Path, work: Path, budget: float, seed: int = 0
                          "test_seconds": evaluation["seconds"], "encoded_slices": evaluation["encoded_slices"],
                          "untaught": evaluation["untaught"], "rows": evaluation["rows"], **extra}
 
-    # budget None: no runs trained here, only the box prompt and the adapters named (evaluation only)
-    runs = [] if budget is None else [SSAM, NORMS] + ([TILES_OFF] if tiles_off else [])
+    # neither budget nor steps: no runs trained here, only the box prompt and the adapters named (evaluation only)
+    runs = [] if budget is None and steps is None else [SSAM, NORMS] + ([TILES_OFF] if tiles_off else [])
     for run in runs:
         if run is TILES_OFF and not columns[SSAM.key]["tiles"]:
             columns[run.key] = {"title": run.title, "skipped": "the S-SAM run tiled no label, so tiles off is the "
                                                                "same run"}
             log(f"{study.name} / {run.title}: skipped ({columns[run.key]['skipped']})")
             continue
-        training = train_run(study, run, data, work, budget, seed, base, log)
+        training = train_run(study, run, data, work, budget, seed, base, log, steps)
         log(f"{study.name} / {run.title}: testing on {len(cases)} cases")
         adapter = Path(training["adapter"])
         evaluation = cached_evaluation(work / f"{run.key}.test.json",
@@ -373,7 +377,7 @@ def run_study(study: Study, data: Path, work: Path, budget: float, seed: int = 0
         add(f"adapter:{name}", name, evaluation, adapter=str(path))
     return {"name": study.name, "title": study.title, "about": study.about, "train": list(study.train),
             "val": list(study.val) if study.val else None, "test": list(study.test), "labels": list(study.labels),
-            "test_cases": len(cases), "budget_minutes": budget, "seed": seed, "base": base, "command": command,
+            "test_cases": len(cases), "budget_minutes": budget, "steps": steps, "seed": seed, "base": base, "command": command,
             "date": datetime.date.today().isoformat(), "columns": columns}
 
 
@@ -433,6 +437,8 @@ def study_markdown(record: dict) -> str:
                 notes.append(f"{column['title']} {verb} on {len(column[key])} of these test cases (by name: "
                              f"{', '.join(column[key][:3])}{' ...' if len(column[key]) > 3 else ''})")
     val = ", ".join(record["val"]) if record["val"] else "a seeded split of the training cases"
+    length = (f"{record['steps']} steps each" if record.get("steps") else
+              f"budget {record['budget_minutes']:g} min" if record["budget_minutes"] is not None else None)
     return "\n".join([
         f"### {record['title']}",
         "",
@@ -442,8 +448,8 @@ def study_markdown(record: dict) -> str:
         "\n".join(lines),
         "",
         f"Scored test images/slices per label: {counts}. "
-        + (f"Training (budget {record['budget_minutes']:g} min, seed {record['seed']}): {'; '.join(runs)}."
-           if record["budget_minutes"] is not None else "No runs trained here (evaluation only).")
+        + (f"Training ({length}, seed {record['seed']}): {'; '.join(runs)}." if length
+           else "No runs trained here (evaluation only).")
         + (f" Note: {'; '.join(notes)}." if notes else ""),
         "",
         *([f"Labels of another kind of image, which cannot be on these images: share of test images/slices each "
@@ -459,7 +465,7 @@ def _mean_of(values):
 
 SECTION_INTRO = """Written by `benchmarks/compare_tuning.py` (its docstring says how); everything after this
 section is hand-written. Per dataset: S-SAM with the default recipe and norms-only tuning (the singular values
-frozen), each given the same `--budget` of training minutes and the same seed; the untuned base prompted with the true
+frozen), each given the same `--budget` of training minutes (or `--steps`) and the same seed; the untuned base prompted with the true
 mask's bounding box; any other adapter named. All are tested on images that the runs trained here neither trained nor
 validated on (another adapter's overlap with them is noted), segmented as `ssam segment` does (whole image, native
 resolution). "Dice" counts an empty prediction of an absent label as 1 (the S-SAM paper's reading), "classic"
@@ -517,6 +523,8 @@ def main():
     parser.add_argument("--studies", nargs="+", choices=list(STUDIES), default=list(STUDIES))
     parser.add_argument("--budget", type=float, help="training minutes of each trained run (S-SAM, norms-only); "
                                                      "without it nothing is trained: the box prompt and --adapter only")
+    parser.add_argument("--steps", type=int, help="instead of --budget: optimizer steps of each trained run (equal "
+                                                  "steps rather than equal minutes)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--base", default="litemedsam", help="base model of the trained runs and the box prompt")
     parser.add_argument("--adapter", type=_adapter_argument, action="append", default=[], metavar="NAME=PATH",
@@ -526,6 +534,8 @@ def main():
     parser.add_argument("--docs", type=Path, default=DOCS, help="markdown file whose generated section is replaced")
     parser.add_argument("--no-docs", action="store_true", help="write the JSON only")
     args = parser.parse_args()
+    if args.budget is not None and args.steps is not None:
+        parser.error("give --budget or --steps, not both")
     bench_common.set_threads(args.threads)
     command = bench_common.command_line()
     missing = [name for study in args.studies for name in STUDIES[study].train + STUDIES[study].test
@@ -538,7 +548,7 @@ def main():
     for name in args.studies:
         try:
             record = run_study(STUDIES[name], args.data, args.work, args.budget, args.seed, args.base,
-                               dict(args.adapter), args.tiles_off, command)
+                               dict(args.adapter), args.tiles_off, command, steps=args.steps)
         except Cancelled:  # the trainer saved a checkpoint: this script resumes it, no --resume needed
             raise SystemExit(f"compare_tuning: interrupted during {name}; run the same command again to resume") \
                 from None

@@ -131,6 +131,14 @@ def test_study_table_and_json_hold_the_measured_test_dice(tmp_path):
     with pytest.raises(SSAMSegmentLib.SSAMError, match="other settings"):
         compare.run_study(study, data, work, budget=0.1, base="test-vit", log=lambda m: None)
 
+    # Equal steps instead of equal minutes: each run trains exactly that many steps, and the table says so.
+    stepped = compare.run_study(study, data, tmp_path / "work-steps", budget=None, steps=2, base="test-vit",
+                                log=lambda m: None)
+    for key in ("ssam", "norms"):
+        training = stepped["columns"][key]["training"]
+        assert training["steps_done"] == training["total_steps"] == 2 and training["settings"]["steps"] == 2
+    assert "Training (2 steps each, seed 0)" in compare.study_markdown(stepped)
+
     # The docs: the generated section replaced in place, the hand-written text after its end marker kept.
     docs = tmp_path / "fine_tuning.md"
     # A study of another session (not in this --work's JSON) keeps its subsection; this study's old one is replaced.

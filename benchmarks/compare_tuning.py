@@ -557,8 +557,8 @@ def main():
         results["studies"][name] = record
         save_results(args.work, results)  # after every study: an interrupted call keeps the studies done
         print(study_markdown(record), flush=True)
-    if not args.no_docs:
-        write_docs(results["studies"], args.docs, command, args.threads)
+    if not args.no_docs:  # only this call's studies: the others keep the docs' subsection (or have none yet)
+        write_docs({name: results["studies"][name] for name in args.studies}, args.docs, command, args.threads)
 
 
 if __name__ == "__main__":

@@ -710,7 +710,9 @@ def train(config: TrainingConfig, progress: Optional[Callable[[TrainingProgress]
                 state["history"].append(record)
                 losses = []
                 state["validation_due"] = False
-                stop = should_stop_early(state["history"], schedule.warmup, config.patience) if rank == 0 else False
+                # At the last step the schedule ends anyway: that is not "stopped early"
+                stop = (rank == 0 and state["global_step"] < state["total_steps"]
+                        and should_stop_early(state["history"], schedule.warmup, config.patience))
                 state["stopped_early"] = bool(_agree(int(stop), world))
                 if rank == 0:
                     save_checkpoint(checkpoint_path, model, optimizer, dict(state, elapsed=elapsed()))

@@ -255,6 +255,10 @@ def test_early_stopping_after_patience_validations_without_improvement(disks, tm
     assert [(u.step, u.val_dice) for u in validated] == [(r["step"], r["val_dice"]) for r in result.history]
     assert validated[-1].eta_seconds == 0.0 and updates[-1].phase == "done"
     assert result.summary["stopped_early"] and result.summary["steps"] == 2  # the kept adapter is the best one
+    # Patience 9 runs out at the 10th validation, step 20: the last step, where the schedule ends anyway; that is
+    # not reported as stopping early
+    ends = train(_config(disks, tmp_path / "ends", steps=20, lr=0.0, lr_singular_values=0.0, patience=9))
+    assert ends.steps == 20 and len(ends.history) == 10 and not ends.summary["stopped_early"]
     never = train(_config(disks, tmp_path / "never", steps=6, lr=0.0, lr_singular_values=0.0, patience=0))
     assert never.steps == 6 and len(never.history) == 6 and not never.summary["stopped_early"]
 

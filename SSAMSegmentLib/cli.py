@@ -190,6 +190,7 @@ def _segment(args) -> int:
                               progress=update, overwrite=args.overwrite, dicom_source=dicom_source,
                               probe_mm=None if args.every_slice else DEFAULT_PROBE_MM,
                               context=args.context, prompts=prompts, use_text=not args.box_only,
+                              self_box=args.self_box,
                               allow_gaps=args.allow_gaps, series=args.series)
     finally:
         close()
@@ -267,6 +268,10 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--context", choices=("auto", "off"), default="auto",
                          help="auto: each slice checked against its neighbours (slice smoothing, small 3D pieces "
                               "removed, one piece for organs the adapter marks; docs/benchmarks.md); off: slices alone")
+    segment.add_argument("--self-box", choices=("auto", "off"), default="auto",
+                         help="auto: the labels the adapter's training chose (one-object labels such as polyps) are "
+                              "redrawn by the base from their own mask's box where it is confident; off: the text "
+                              "masks alone")
     prompt_help = ("in PHYSICAL coordinates: LPS millimetres (x to the patient's left, y posterior, z superior; "
                    "Slicer shows RAS, so negate x and y), so it means the same in any viewer; prefix LABEL= when "
                    "there are several labels")

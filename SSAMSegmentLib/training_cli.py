@@ -71,6 +71,10 @@ def add_arguments(parser):
                         help="auto: labels whose structures would be a few pixels across in the whole image at the "
                              "model's input train and segment in native-resolution tiles (stored in the adapter); "
                              "off: whole images always")
+    parser.add_argument("--self-box", choices=("auto", "off"), default="auto",
+                        help="auto: after training, each label whose validation masks improve when the base redraws "
+                             "them from their own box (one-object labels such as polyps) gets that step, stored in "
+                             "the adapter; off: never")
     parser.add_argument("--neighbour-slices", dest="neighbour_slices", action="store_true",
                         help="2.5D: the model's three input channels carry slices k-1, k, k+1 of 3D images instead "
                              "of slice k three times (recorded in the adapter; segmenting then does the same); 2D and "
@@ -100,7 +104,7 @@ def run(args) -> int:
         micro_batch=args.micro_batch, lr=args.lr, lr_singular_values=args.lr_singular_values, patience=args.patience,
         val_fraction=args.val_fraction, val_data=args.val_data, seed=args.seed, resume=args.resume,
         start_from=args.start_from, device=args.device, axis=args.axis,
-        balanced=args.balanced, augment=not args.no_augment, tiles=args.tiles, tune=args.tune,
+        balanced=args.balanced, augment=not args.no_augment, tiles=args.tiles, tune=args.tune, self_box=args.self_box,
         image_size=args.image_size, keep_largest=args.keep_largest, neighbour_slices=args.neighbour_slices,
         overwrite=args.overwrite,
     )

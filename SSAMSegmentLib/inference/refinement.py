@@ -4,7 +4,7 @@ The prompted slice is decoded again with the box and points together with the la
 the base alone, as LiteMedSAM was trained). When the text token and the prompt together find nothing on the prompted
 slice, the token contradicts what the user marked (a label the adapter never learnt, or learnt poorly): the prompt
 alone decodes that slice and the carried ones, and `Refinement.fell_back` says so. A prompt alone is decoded by the
-base with its own weights (S-SAM's identity start, `untuned_base`), whose box and point answers are what it was
+base with its own weights (S-SAM's identity start, `box_prompt.untuned_base`), whose box and point answers are what it was
 trained for; the adapter's encoder, tuned for text prompts, answers a box alone far worse. Then, slice after slice
 away from it, the previous corrected mask's box, grown a little, is the next slice's box prompt, until the structure ends there (nothing found, the decoder's
 predicted IoU drops, the area collapses), the new mask roughly agrees with what the label already had (the text
@@ -20,11 +20,12 @@ import torch
 
 from ..errors import Cancelled, SSAMError
 from ..files.image_io import check_image
-from .box_prompt import mask_box
+from .box_prompt import mask_box, untuned_base
 from .intensity import choose_mapping, has_signal
 from .neighbour_slices import slice_pixels, uses_neighbours
 from .physical_prompts import PhysicalPrompt, to_slice_prompt
 from .preprocessing import logits_to_slice, model_coordinates, to_model_input
+from .self_box import dice
 from .slice_geometry import SliceGeometry
 from .slice_inference import _copy_geometry, check_threshold
 
@@ -50,35 +51,11 @@ class Refinement:
     fell_back: bool = False  # the text was asked for but found nothing, so the prompt alone decoded (PROMPT_ALONE)
 
 
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * int(np.count_nonzero(a & b)) / total
-
-
 def grown_box(mask: np.ndarray, height: int, width: int):
     x0, y0, x1, y1 = mask_box(mask)
     grow_x = max(GROW_PIXELS, GROW * (x1 - x0 + 1))
     grow_y = max(GROW_PIXELS, GROW * (y1 - y0 + 1))
     return max(0.0, x0 - grow_x), max(0.0, y0 - grow_y), min(width - 1.0, x1 + grow_x), min(height - 1.0, y1 + grow_y)
-
-
-_UNTUNED: dict = {}  # one untuned copy of the base, rebuilt when another base, size, device or precision is asked
-
-
-def untuned_base(model):
-    """The model's base with its own pretrained weights, merged, on the same device and precision: what decodes a box
-    or points without text. One box on the TotalSegmentator CT's spleen, carried over its 20 slices: volume Dice 0.962
-    with it, 0.365 with the default adapter's tuned encoder (Testing/Python/test_refinement.py). The model itself when
-    the base's weights cannot be rebuilt as they were (a user's own checkpoint file: another SHA256)."""
-    from ..model.loading import load
-
-    key = (model.spec.id, model.image_size, str(model.device), model.requested_precision, model.base_sha256)
-    if key not in _UNTUNED:
-        _UNTUNED.clear()
-        untuned = load(base=model.spec.id, image_size=model.image_size, device=model.device,
-                       precision=model.requested_precision, merge=True).eval()
-        _UNTUNED[key] = untuned if untuned.base_sha256 == model.base_sha256 else model
-    return _UNTUNED[key]
 
 
 class _SliceDecoder:
@@ -168,7 +145,7 @@ def refine(model, image: sitk.Image, label: str, prompt: PhysicalPrompt, mask: O
             existing = geometry.slice_view(canonical, index)
             if (result is None or not result[0].any() or result[1] < MIN_QUALITY
                     or result[0].sum() < MIN_AREA_RATIO * before.sum()
-                    or _dice(result[0], existing.astype(bool)) >= AGREES):
+                    or dice(result[0], existing.astype(bool)) >= AGREES):
                 previous[direction] = None  # the structure ends here, or the label's own answer takes over
                 continue
             existing[...] = result[0]

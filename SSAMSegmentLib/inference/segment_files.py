@@ -78,11 +78,11 @@ def dicom_source_for(input_path, output_path):
 def segment_file(model, input_path, labels, output_path=None, axis="auto", preview=None, threshold=0.5,
                  intensity="auto", window=None, progress=None, cancel=None, overwrite=False, output_format=None,
                  dicom_source=None, probe_mm=DEFAULT_PROBE_MM, context="auto", prompts=None, use_text=True,
-                 **read_options):
+                 self_box="auto", **read_options):
     """Read `input_path`, segment `labels`, write `output_path` (.seg.nrrd, a label map, or a DICOM SEG for a DICOM
     input) and an optional PNG preview. `output_format` names the type when `output_path` is not given;
     `dicom_source`: the input's DicomSeries when the caller already has it (found here otherwise); probe_mm: see
-    sparse_slices.py, None encodes every slice.
+    sparse_slices.py, None encodes every slice; self_box: "auto" or "off" (self_box.py).
     prompts: {label: PhysicalPrompt} corrections applied after the text prompts (inference/refinement.py).
 
     Outputs and options are checked before any work; an input is never written to and an existing output is
@@ -111,7 +111,7 @@ def segment_file(model, input_path, labels, output_path=None, axis="auto", previ
     if prompts:
         check_prompts(image, prompts, axis)
     result = segment_image(model, image, labels, axis=axis, threshold=threshold, intensity=intensity, window=window,
-                           progress=progress, cancel=cancel, probe_mm=probe_mm, context=context)
+                           progress=progress, cancel=cancel, probe_mm=probe_mm, context=context, self_box=self_box)
     if prompts:
         apply_refinements(model, image, result, prompts, intensity=intensity, window=window, threshold=threshold,
                           use_text=use_text, cancel=cancel)

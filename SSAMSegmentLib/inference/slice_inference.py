@@ -28,6 +28,7 @@ from .intensity import choose_mapping, has_signal
 from .neighbour_slices import slice_pixels, uses_neighbours
 from . import tiling
 from .preprocessing import logits_to_slice, to_model_input
+from .self_box import CHOICES, apply_self_box
 from .slice_geometry import SliceGeometry
 from ..model import labels
 from .sparse_slices import DEFAULT_PROBE_MM, SliceSchedule
@@ -86,6 +87,8 @@ class SegmentationResult:
     refined: dict = dataclasses.field(default_factory=dict)  # label -> array slice indices a correction rewrote
     # labels whose correction fell back to the prompt alone: with the text token it found nothing (refinement.py)
     refined_prompt_alone: list = dataclasses.field(default_factory=list)
+    # label -> array slice indices whose text mask the base redrew from its own box (self_box.py)
+    self_boxed: dict = dataclasses.field(default_factory=dict)
 
     def confidence(self, label: str) -> Optional[float]:
         """The label's confidence: the mean predicted IoU over the slices where its mask has voxels."""
@@ -126,6 +129,9 @@ class SegmentationResult:
             check = self.slices_to_check(name)
             if check:
                 details.append(f"check slice{'s' if len(check) > 1 else ''} {_ranges(check)}")
+            if name in self.self_boxed:
+                details.append("outline from its own box" + (f" on slices {_ranges(self.self_boxed[name])}"
+                                                             if self.masks[name].GetDimension() == 3 else ""))
             if name in self.refined:
                 from .refinement import PROMPT_ALONE  # refinement imports this module
                 details.append(f"corrected on slices {_ranges(self.refined[name])}"
@@ -247,17 +253,22 @@ def slice_logits(model, image: sitk.Image, requested, axis: str = "auto", intens
 def segment_image(model, image: sitk.Image, requested, axis: str = "auto", threshold: float = 0.5,
                   intensity: str = "auto", window=None, batch_size: Optional[int] = None,
                   progress: Optional[Progress] = None, cancel=None, context="auto",
-                  probe_mm: Optional[float] = DEFAULT_PROBE_MM) -> SegmentationResult:
+                  probe_mm: Optional[float] = DEFAULT_PROBE_MM, self_box: str = "auto") -> SegmentationResult:
     """Masks for the `requested` label names on `image` (2D/3D, scalar/RGB), named and matched to the adapter's
     trained labels as labels.match_labels says. See the module docstring for the data flow; context: "auto" (the
     measured 3D consistency of volume_context.py), "off" (each slice alone) or a VolumeContext; probe_mm: see
-    slice_logits."""
+    slice_logits; self_box: "auto" (the labels the adapter chose redrawn from their own box, self_box.py) or "off"."""
+    if self_box not in CHOICES:
+        raise SSAMError(f"unknown self-box setting '{self_box}'; use one of: {', '.join(CHOICES)}")
     start = time.perf_counter()
     logit_threshold = check_threshold(threshold)
     volume_context = VolumeContext.for_model(model, context)
     decoded = slice_logits(model, image, requested, axis, intensity, window, batch_size, progress, cancel, probe_mm,
                            logit_threshold, volume_context)
-    return masks_from_logits(decoded, logit_threshold, volume_context, start, cancel)
+    result = masks_from_logits(decoded, logit_threshold, volume_context, start, cancel)
+    apply_self_box(model, decoded.image, decoded.geometry, decoded.mapping, result, logit_threshold, self_box, cancel)
+    result.seconds = time.perf_counter() - start
+    return result
 
 
 def masks_from_logits(decoded: SliceLogits, logit_threshold: float, volume_context: VolumeContext, start: float,

@@ -39,6 +39,9 @@ def _metadata(model, training_summary):
         "tiles": {label: record.to_json() for label, record in sorted(model.tile_records.items())},
         # the input channels are slices k-1, k, k+1 of a 3D image (inference/neighbour_slices.py); false: slice k
         "neighbour_slices": bool(model.neighbour_slices),
+        # labels whose text mask's box is redrawn by the untuned base (inference/self_box.py); an older reader ignores
+        # it and gives the text mask alone, a valid answer, so no format version is needed
+        "self_box": list(model.self_box),
         "training": training_summary or {},
     }
 
@@ -135,6 +138,15 @@ def _neighbour_slices_of(metadata: dict, path) -> bool:
     return value
 
 
+def _self_box_of(metadata: dict, path) -> list:
+    """The labels the adapter's training chose for the self-prompted box (absent before it existed: none)."""
+    value = metadata.get("self_box", [])
+    if not isinstance(value, list) or not all(isinstance(name, str) for name in value):
+        raise SSAMError(f"adapter {Path(path).name}: 'self_box' is {value!r}, not a list of label names; the file is "
+                        f"damaged, re-export or retrain it")
+    return list(value)
+
+
 def load_adapter(model, path) -> dict:
     """Load an adapter into `model` (replacing its trainable tensors and known labels); returns the metadata."""
     import torch
@@ -184,5 +196,6 @@ def load_adapter(model, path) -> dict:
     model.label_kinds = ({label_key(str(name)): [str(kind) for kind in value] for name, value in kinds.items()
                           if isinstance(value, list)} if isinstance(kinds, dict) else {})
     model.neighbour_slices = _neighbour_slices_of(metadata, path)
+    model.self_box = _self_box_of(metadata, path)
     model.adapter_path = Path(path)  # what a DICOM SEG names (and hashes) as the algorithm's adapter
     return metadata

@@ -62,6 +62,9 @@ class SSAM(nn.Module):
         # input channels: slices k-1, k, k+1 instead of slice k three times (ssam train --neighbour-slices; saved in the
         # adapter; inference/neighbour_slices.py)
         self.neighbour_slices = False
+        # labels whose text mask's own box is redrawn by the untuned base (inference/self_box.py; chosen by ssam train
+        # on its validation slices, saved in the adapter)
+        self.self_box: List[str] = []
         self._fast_encoder = FastEncoderSlot()  # inference-only copy of the merged encoder; not part of the model
         for parameter in self.parameters():
             parameter.requires_grad_(False)

@@ -35,6 +35,7 @@ from .schedule import (PROBE_STEPS, WarmupCosine, apply_learning_rates, is_valid
                        steps_within_budget, validations_left)
 from .slice_bank import SliceBank, build_slice_bank
 from .tile_plan import case_record, plan_tiles
+from ..inference.self_box import dice
 from ..model.labels import label_key
 
 
@@ -76,6 +77,9 @@ class TrainingConfig:
     # an adapter (path, or "default" for the shipped one) whose trained tensors and labels the run starts from
     # instead of SAM's own weights: adapt the default adapter to a local dataset, or continue a finished run
     start_from: Optional[str] = None
+    # "auto": after training, the labels whose masks the self-prompted box improves on the validation slices get it
+    # (training/self_box_choice.py, inference/self_box.py); "off": no label does
+    self_box: str = "auto"
 
     def check(self) -> "TrainingConfig":
         """Every number and choice, before any work: one SSAMError naming the first bad one."""
@@ -127,6 +131,8 @@ class TrainingConfig:
             raise SSAMError(f"unknown tuning '{self.tune}'; use ssam (singular values + norms) or norms")
         if self.tiles not in ("auto", "off"):
             raise SSAMError(f"unknown tiles setting '{self.tiles}'; use auto or off")
+        if self.self_box not in ("auto", "off"):
+            raise SSAMError(f"unknown self-box setting '{self.self_box}'; use auto or off")
         if self.axis not in AXES:
             raise SSAMError(f"unknown slice axis '{self.axis}'; use one of: {', '.join(AXES)}")
         if not isinstance(self.neighbour_slices, bool):
@@ -343,13 +349,10 @@ def _accumulate_gradients(network, inputs, targets, text, device, scaler, micro_
 # --- validation -----------------------------------------------------------------------------------------------------
 
 
-@torch.inference_mode()
-def validate(model, bank: SliceBank, text, device, batch_size=4, cancel=None):
-    """Per-label Dice over validation slices at model resolution (content area only): the blank-is-1 reading
-    (an empty prediction of an empty truth scores 1) and the classic one over slices whose truth is not empty."""
+def predicted_masks(model, bank: SliceBank, text, device, batch_size=4, cancel=None):
+    """Per batch of a bank's slices, in eval mode with the inference weights: (rows, predicted bool (B, L, S, S), true
+    bool (B, L, S, S)); only the pairs annotated in a slice's dataset are decoded (the others are all False)."""
     labels = bank.label_names
-    blank_scores = [[] for _ in labels]
-    classic_scores = [[] for _ in labels]
     was_training = model.training
     model.eval()
     model.merge()  # inference weights (and the fast encoder); model.train() below unmerges for training
@@ -358,23 +361,32 @@ def validate(model, bank: SliceBank, text, device, batch_size=4, cancel=None):
             if cancel is not None and cancel.is_set():
                 raise Cancelled("training cancelled during validation")
             rows = np.arange(first, min(first + batch_size, len(bank)))
-            inputs, masks = _batch_tensors(model, bank, rows)
-            with autocast(device):
-                logits = _logits_for(model, inputs.to(device), text, len(labels), torch.from_numpy(bank.scored[rows]))
-            predicted = (logits > 0).cpu()
-            for row, (h, w) in zip(rows, bank.content[rows]):
-                for label in range(len(labels)):
-                    if not bank.scored[row, label]:  # not annotated in this case's dataset
-                        continue
-                    p = predicted[row - first, label, :h, :w]
-                    t = masks[row - first, label, :h, :w] > 0.5
-                    total = int(p.sum()) + int(t.sum())
-                    dice = 1.0 if total == 0 else 2.0 * int((p & t).sum()) / total
-                    blank_scores[label].append(dice)
-                    if t.any():
-                        classic_scores[label].append(dice)
+            with torch.inference_mode():
+                inputs, masks = _batch_tensors(model, bank, rows)
+                with autocast(device):
+                    logits = _logits_for(model, inputs.to(device), text, len(labels),
+                                         torch.from_numpy(bank.scored[rows]))
+            yield rows, (logits > 0).cpu().numpy(), (masks > 0.5).numpy()
     finally:
         model.train(was_training)
+
+
+def validate(model, bank: SliceBank, text, device, batch_size=4, cancel=None):
+    """Per-label Dice over validation slices at model resolution (content area only): the blank-is-1 reading
+    (an empty prediction of an empty truth scores 1) and the classic one over slices whose truth is not empty."""
+    labels = bank.label_names
+    blank_scores = [[] for _ in labels]
+    classic_scores = [[] for _ in labels]
+    for rows, predicted, truth in predicted_masks(model, bank, text, device, batch_size, cancel):
+        for position, (row, (h, w)) in enumerate(zip(rows, bank.content[rows])):
+            for label in range(len(labels)):
+                if not bank.scored[row, label]:  # not annotated in this case's dataset
+                    continue
+                t = truth[position, label, :h, :w]
+                score = dice(predicted[position, label, :h, :w], t)
+                blank_scores[label].append(score)
+                if t.any():
+                    classic_scores[label].append(score)
     mean = lambda values: float(np.mean(values)) if values else None  # noqa: E731
     return ({name: mean(s) for name, s in zip(labels, blank_scores)},
             {name: mean(s) for name, s in zip(labels, classic_scores)})
@@ -779,14 +791,41 @@ def train(config: TrainingConfig, progress: Optional[Callable[[TrainingProgress]
         torch.distributed.barrier()  # every process ends together, after rank 0's last validation and writes
 
     best = state["best"] or {}
+    summary = _summary(config, dataset, state, best, train_bank, val_bank, started)
+    if rank == 0 and best:
+        summary = _choose_self_box(model, output, config, labels, text, device, val_bank, summary, report, cancel)
     per_step = float(np.mean(step_times)) if step_times else float("nan")
     return TrainingResult(
         adapter_path=output, checkpoint_path=checkpoint_path,
         val_dice=best.get("val_dice_per_label", {}), val_dice_classic=best.get("val_dice_classic_per_label", {}),
         history=state["history"], steps=state["global_step"], epochs_done=state["global_step"] // steps_per_epoch,
         samples_per_second=batch_size * len(labels) / per_step if step_times else float("nan"),
-        summary=_summary(config, dataset, state, best, train_bank, val_bank, started),
+        summary=summary,
     )
+
+
+def _choose_self_box(model, output, config, labels, text, device, val_bank, summary, report, cancel):
+    """The kept adapter, loaded back, measured with and without the self-prompted box on the validation slices; the
+    labels it helps are written into the adapter (labels this run did not train keep the choice of --start-from's
+    adapter). Returns the summary with the measurement ("self_box")."""
+    from .self_box_choice import measure
+
+    model.load_adapter(output)  # the best validation's tensors, not the last step's
+    trained = {label_key(name) for name in labels}
+    kept = [name for name in model.self_box if label_key(name) not in trained]
+    choice = {}
+    if config.self_box == "auto" and val_bank is not None and len(val_bank):
+        report(TrainingProgress(0, 0, summary["total_steps"], summary["total_steps"], None, None, None,
+                                "trying the self-prompted box on the validation slices", phase="validate"))
+        try:
+            choice = measure(model, val_bank, text, device, cancel=cancel)
+        except Cancelled:  # the kept adapter stays as it is (without the box); the checkpoint is the last step's
+            raise Cancelled(f"training cancelled while trying the self-prompted box; {output} is kept without it, "
+                            f"resume with --resume {config.checkpoint_path()} to try it again") from None
+    model.self_box = kept + [name for name, record in choice.items() if record["chosen"]]
+    summary = dict(summary, self_box=choice)
+    model.save_adapter(output, summary)
+    return summary
 
 
 def _passes(state, steps_per_epoch):

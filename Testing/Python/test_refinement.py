@@ -130,7 +130,7 @@ def test_a_prompt_alone_is_decoded_by_the_base_with_its_own_weights(model):
     the tuned model itself when its base weights are not those the base builds (a user's own checkpoint)."""
     import torch
 
-    from SSAMSegmentLib.inference.refinement import untuned_base
+    from SSAMSegmentLib.inference.box_prompt import untuned_base
 
     untuned = untuned_base(model)
     assert untuned is not model and untuned is untuned_base(model)

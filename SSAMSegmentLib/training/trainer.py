@@ -816,7 +816,7 @@ def _choose_self_box(model, output, config, labels, text, device, val_bank, summ
     choice = {}
     if config.self_box == "auto" and val_bank is not None and len(val_bank):
         report(TrainingProgress(0, 0, summary["total_steps"], summary["total_steps"], None, None, None,
-                                "trying the self-prompted box on the validation slices", phase="validate"))
+                                "trying the self-prompted box on the validation slices", phase="prepare"))
         try:
             choice = measure(model, val_bank, text, device, cancel=cancel)
         except Cancelled:  # the kept adapter stays as it is (without the box); the checkpoint is the last step's

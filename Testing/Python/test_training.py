@@ -253,7 +253,9 @@ def test_early_stopping_after_patience_validations_without_improvement(disks, tm
     # One 'validated' event per validation with its result (what the Slicer panel's table shows), then 'done'
     validated = [u for u in updates if u.phase == "validated"]
     assert [(u.step, u.val_dice) for u in validated] == [(r["step"], r["val_dice"]) for r in result.history]
-    assert validated[-1].eta_seconds == 0.0 and updates[-1].phase == "done"
+    # ... then the self-prompted box's trial on the validation slices, a plain message line
+    assert validated[-1].eta_seconds == 0.0 and updates[-2].phase == "done" and updates[-1].phase == "prepare"
+    assert "self-prompted box" in updates[-1].message
     assert result.summary["stopped_early"] and result.summary["steps"] == 2  # the kept adapter is the best one
     # Patience 9 runs out at the 10th validation, step 20: the last step, where the schedule ends anyway; that is
     # not reported as stopping early

@@ -112,6 +112,19 @@ def _tiles(meta: dict) -> str:
     return f"Segmented in native-resolution tiles on larger images: {listed or 'none'}; the other labels see the whole image."
 
 
+def _self_box(meta: dict) -> str:
+    """Which labels redraw their text mask from its own box (inference/self_box.py), with the validation Dice that
+    chose them (training["self_box"], training/self_box_choice.py)."""
+    chosen = meta.get("self_box") or []
+    trials = (meta.get("training") or {}).get("self_box") or {}
+    if not trials:
+        return "The self-prompted box was not tried for this adapter; no label uses it."
+    tried = ", ".join(f"{label} {record['text']:.3f} -> {record['self_box']:.3f}" for label, record in trials.items()
+                      if record.get("slices"))
+    return (f"Self-prompted box (the text mask's own box redrawn by the untuned base): {', '.join(chosen) or 'none'}; "
+            f"chosen where it raised the validation Dice by 0.01 or more (tried: {tried}).")
+
+
 def _start(training: dict) -> str:
     start = training.get("start_from")
     if not start:
@@ -166,6 +179,8 @@ Labels: {', '.join(meta['labels'])}.
 One connected organ each, so segmenting keeps only the largest 3D component: {', '.join(meta.get('keep_largest') or []) or 'none'}.
 
 {_tiles(meta)}
+
+{_self_box(meta)}
 
 **A demonstration model, not a clinical one.** It was trained by the project on the few real images available
 offline: {training.get('train_slices')} training slices, and its CT labels are another model's predictions. Train your own adapter on your data

@@ -146,3 +146,13 @@ def test_card_lists_the_tiled_labels_of_the_metadata(metadata, card):
     tiles = metadata.get("tiles") or {}
     listed = re.findall(r"(\w[\w ]*) \((\d+) px, overlap (\d+)\)", line.group(1))
     assert {label: {"tile": int(t), "overlap": int(o)} for label, t, o in listed} == tiles
+
+
+def test_card_names_the_labels_with_the_self_prompted_box(metadata, card):
+    """The adapter's self_box list (what `ssam segment` applies, inference/self_box.py) is the card's list."""
+    line = re.search(r"^Self-prompted box \(.*?\): (.*?); chosen where", card, re.M)
+    if not (metadata.get("training") or {}).get("self_box"):
+        assert "self-prompted box was not tried" in card and not metadata.get("self_box")
+        return
+    assert line, "the card has no self-prompted box line"
+    assert (line.group(1).split(", ") if line.group(1) != "none" else []) == metadata.get("self_box", [])

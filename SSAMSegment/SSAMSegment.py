@@ -143,6 +143,7 @@ class SSAMSegmentParameterNode:
     axis: Annotated[str, Choice(AXES)] = "auto"
     outputSegmentation: slicer.vtkMRMLSegmentationNode
     replaceExisting: bool = False
+    selfBox: bool = True  # redraw the labels the adapter chose from their own box (inference/self_box.py)
     trainingLabels: str = ""
     trainingBudgetMinutes: Annotated[float, WithinRange(0.0, 10080.0)] = 0.0  # 0: no budget, the default recipe
     trainingAdapterName: str = ""
@@ -518,7 +519,8 @@ class SSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             task = self.logic.startSegmentation(volume, labels, adapter=adapter,
                                                 axis=self.ui.axisComboBox.currentText,
-                                                device=DEVICES.get(self.ui.deviceComboBox.currentText, "auto"))
+                                                device=DEVICES.get(self.ui.deviceComboBox.currentText, "auto"),
+                                                selfBox="auto" if self.ui.selfBoxCheckBox.checked else "off")
         except Exception as error:
             self.setStatus(str(error), error=True)
             return
@@ -997,18 +999,19 @@ class SSAMSegmentLogic(ScriptedLoadableModuleLogic):
         return self._models[key]
 
     def segment(self, volumeNode, labels, segmentationNode=None, adapter="default", axis="auto", device="auto",
-                replaceExisting=False, base=None, progress=None, cancel=None, precision="auto"):
+                replaceExisting=False, base=None, progress=None, cancel=None, precision="auto", selfBox="auto"):
         """Segment `labels` in `volumeNode` here and now; return (segmentation node, {label: segment ID}, result).
 
         `progress(fraction, message)` and `cancel.is_set()` are passed to the model; a cancelled or failed run
         leaves the scene as it was. `precision`: "auto" (bf16 where the hardware computes it natively), "float32" or
-        "bf16" (SSAMSegmentLib.model.devices.PRECISIONS).
+        "bf16" (SSAMSegmentLib.model.devices.PRECISIONS). `selfBox`: "auto" (the labels the adapter chose are
+        redrawn from their own box, SSAMSegmentLib/inference/self_box.py) or "off" (text masks alone, faster).
         """
         from SSAMSegmentLib.slicer.scene_nodes import image_from_volume_node
 
         image = image_from_volume_node(volumeNode)
         result = self._model(adapter, base, device, precision).segment(image, labels, axis=axis, progress=progress,
-                                                                       cancel=cancel)
+                                                                       cancel=cancel, self_box=selfBox)
         segmentation, segmentIds = self.writeMasks(result.masks, volumeNode, segmentationNode, replaceExisting, image)
         self.tagConfidence(segmentation, segmentIds, {label: result.confidence(label) for label in result.masks},
                            {label: result.slices_to_check(label) for label in result.masks})
@@ -1057,14 +1060,14 @@ class SSAMSegmentLogic(ScriptedLoadableModuleLogic):
         return refinement
 
     def startSegmentation(self, volumeNode, labels, adapter="default", axis="auto", device="auto", base=None,
-                          python=None, precision="auto"):
+                          python=None, precision="auto", selfBox="auto"):
         """Start segmenting in a background process; poll the task, then call `finishSegmentation`."""
         from SSAMSegmentLib.slicer import background_task
         from SSAMSegmentLib.slicer.scene_nodes import image_from_volume_node, volume_grid
 
         image = image_from_volume_node(volumeNode)
         task = background_task.start_segmentation(image, labels, adapter=adapter, base=base, device=device, axis=axis,
-                                                  precision=precision, python=python)
+                                                  precision=precision, self_box=selfBox, python=python)
         task.context.update(image=image, grid=volume_grid(volumeNode))
         return task
 

@@ -66,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     # Checked by SSAMSegmentLib.load (its PRECISIONS), which the parser cannot import before the packages are there.
     parser.add_argument("--precision", default="auto",
                         help="auto (default): bf16 where the hardware computes it natively; float32 forces it off")
+    # Checked by segment_file (inference/self_box.py CHOICES), for the same reason as --precision.
+    parser.add_argument("--self-box", default="auto",
+                        help="auto (default): the labels the adapter chose are redrawn by the base from their own "
+                             "mask's box where it is confident (more accurate, slower on those slices); off: text alone")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace outputs that already exist (a re-run); without it they are refused")
     parser.add_argument("--allow-gaps", action="store_true",
@@ -166,6 +170,10 @@ def run(argv) -> int:
             print(f"SSAM Segment's Python packages are missing ({error}); in Slicer, open the SSAM Segment module "
                   f"once and agree to install them", file=sys.stderr)
             return EXIT_USAGE
+        from SSAMSegmentLib.inference.self_box import CHOICES
+
+        if args.self_box not in CHOICES:
+            raise UsageError(f"--self-box {args.self_box}: use one of {', '.join(CHOICES)}")
         inputs = find_inputs(Path(args.input).expanduser())
         outputs = output_paths(inputs, output_folder, args.overwrite, dicom_seg=args.dicom_seg)  # creates nothing
         if args.dicom_seg and any(is_dicom_input(item) for item in inputs):
@@ -197,7 +205,7 @@ def run(argv) -> int:
         start = time.perf_counter()
         try:
             result = SSAMSegmentLib.segment_file(model, item, labels, output, axis=args.axis, overwrite=args.overwrite,
-                                                 allow_gaps=args.allow_gaps)
+                                                 allow_gaps=args.allow_gaps, self_box=args.self_box)
         except KeyboardInterrupt:
             print(f"cancelled during {item.name}; its output was not written", flush=True)
             return EXIT_INTERRUPTED

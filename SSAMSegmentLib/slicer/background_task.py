@@ -208,16 +208,17 @@ def _new_folder() -> Path:
 
 
 def start_segmentation(image, labels: Sequence[str], adapter="default", base=None, text_encoder=None,
-                       device="auto", axis="auto", threshold=0.5, precision="auto", python=None,
+                       device="auto", axis="auto", threshold=0.5, precision="auto", self_box="auto", python=None,
                        env=None) -> BackgroundTask:
-    """Segment a SimpleITK image in a child process; read the result with `segmentation_masks(task)`."""
+    """Segment a SimpleITK image in a child process; read the result with `segmentation_masks(task)`. self_box:
+    "auto" (the adapter's own choice, inference/self_box.py) or "off"."""
     import SimpleITK as sitk
 
     folder = _new_folder()
     sitk.WriteImage(image, str(folder / "input.nrrd"), False)
     job = {"image": "input.nrrd", "labels": list(labels), "adapter": None if adapter is None else str(adapter),
            "base": base, "text_encoder": text_encoder, "device": device, "axis": axis, "threshold": threshold,
-           "precision": precision}
+           "precision": precision, "self_box": self_box}
     return BackgroundTask("segmentation", job, folder, python, env)
 
 
@@ -326,7 +327,7 @@ def _segmentation_job(job: dict, folder: Path, events: _Events, cancel) -> dict:
         raise Cancelled("segmentation cancelled; nothing was written")
     image = read_image(folder / job["image"])
     result = model.segment(image, job["labels"], axis=job.get("axis") or "auto",
-                           threshold=float(job.get("threshold") or 0.5),
+                           threshold=float(job.get("threshold") or 0.5), self_box=job.get("self_box") or "auto",
                            progress=lambda fraction, message: events.emit("progress", fraction=fraction, message=message),
                            cancel=cancel)
     (folder / "masks").mkdir(exist_ok=True)

@@ -673,6 +673,7 @@ def train(config: TrainingConfig, progress: Optional[Callable[[TrainingProgress]
     model.train()
     step_times, losses = [], []
     val_seconds = None
+    planned_here = False  # this process fixed the budget's total (a resumed run keeps the plan it was given)
     run_start = time.time()
     order, order_epoch = None, None
 
@@ -722,6 +723,18 @@ def train(config: TrainingConfig, progress: Optional[Callable[[TrainingProgress]
                 state["history"].append(record)
                 losses = []
                 state["validation_due"] = False
+                if planned_here and len(state["history"]) == 1 and state["global_step"] < state["total_steps"]:
+                    # The plan guessed a validation's cost before one had run (a third of a training step per
+                    # slice); with merged weights and no backward pass it is often several times less, and six
+                    # validation sets made a 70-minute budget end after 30. Plan once more with the measured cost.
+                    state["total_steps"] = _agree(_budget_total(config, state, steps_per_epoch, elapsed(),
+                                                                seconds_per_step(), seconds_per_validation(seconds_per_step())),
+                                                  world)
+                    report(TrainingProgress(epoch + 1, _passes(state, steps_per_epoch), state["global_step"],
+                                            state["total_steps"], None, None, None,
+                                            f"budget of {config.budget_minutes:g} min: {state['total_steps']} steps "
+                                            f"with the first validation's {val_seconds or 0:.0f} s measured",
+                                            phase="prepare"))
                 # At the last step the schedule ends anyway: that is not "stopped early"
                 stop = (rank == 0 and state["global_step"] < state["total_steps"]
                         and should_stop_early(state["history"], schedule.warmup, config.patience))
@@ -771,7 +784,7 @@ def train(config: TrainingConfig, progress: Optional[Callable[[TrainingProgress]
             if not state["total_fixed"] and len(step_times) >= PROBE_STEPS:
                 state["total_steps"] = _agree(_budget_total(config, state, steps_per_epoch, elapsed(), per_step,
                                                             seconds_per_validation(per_step)), world)
-                state["total_fixed"] = True
+                state["total_fixed"] = planned_here = True
                 report(TrainingProgress(epoch + 1, _passes(state, steps_per_epoch), state["global_step"],
                                         state["total_steps"], None, None, None,
                                         f"budget of {config.budget_minutes:g} min: {state['total_steps']} steps "

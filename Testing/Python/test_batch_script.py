@@ -122,6 +122,7 @@ def test_bad_arguments_exit_2_and_write_nothing(data_dir, tiny_adapter, tmp_path
         "empty folder": ["--input", empty, "--label", "liver", "--output", output],
         "output is a file": ["--input", source, "--label", "liver", "--output", a_file],
         "bad axis": ["--input", source, "--label", "liver", "--output", output, "--axis", "oblique"],
+        "bad self-box": ["--input", source, "--label", "liver", "--output", output, "--self-box", "always"],
         "missing adapter": ["--input", source, "--label", "liver", "--output", output,
                             "--adapter", tmp_path / "none.adapter.safetensors"],
         "bad device": ["--input", source, "--label", "liver", "--output", output, "--adapter", tiny_adapter,

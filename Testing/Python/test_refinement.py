@@ -173,11 +173,11 @@ def _box_on_worst_slice(image, predicted, reference):
                    image.TransformIndexToPhysicalPoint((int(cols.max()), int(rows.max()), worst)))
 
 
-def _one_box_raises_dice(image, reference, label, use_text=True):
+def _one_box_raises_dice(image, reference, label, use_text=True, self_box="auto"):
     import SSAMSegmentLib
 
     model = SSAMSegmentLib.load(adapter="default", merge=True)
-    text_only = model.segment(image, [label], axis="axial")
+    text_only = model.segment(image, [label], axis="axial", self_box=self_box)
     predicted = sitk.GetArrayViewFromImage(text_only.masks[label]).astype(bool)
     worst, box = _box_on_worst_slice(image, predicted, reference)
     # the path of segment(boxes=...) and `ssam segment --box`: the text-only result corrected in place
@@ -218,9 +218,20 @@ def test_one_box_on_a_right_liver_keeps_it_on_the_dcmqi_ct(data_dir):
     """Where the text-only result is already right (liver Dice 0.88 on every slice with the 2026-12-03 adapter; 0.64
     with the adapter before, which one box raised to 0.76): a box on the worst slice rewrites that slice and makes
     nothing worse."""
-    before, after, result = _one_box_raises_dice(*_dcmqi(data_dir, "liver"), "liver")
+    before, after, result = _one_box_raises_dice(*_dcmqi(data_dir, "liver"), "liver", self_box="off")
     assert before > 0.8 and after > before - 0.005, (before, after)  # measured 2026-12-03: 0.878 -> 0.879
     assert result.refined_prompt_alone == []  # the text token agreed with the box: no fallback
+
+
+@pytest.mark.data
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="a box correction re-decodes through the adapter, whose outline is a little "
+                   "worse than the self-prompted box's base outline it replaces (measured 2026-12-04: 0.906 -> 0.900)")
+def test_one_box_on_a_self_boxed_liver_keeps_it_on_the_dcmqi_ct(data_dir):
+    """The same with the product's default: liver is one of the shipped adapter's self-prompted-box labels, so its
+    text result is already the base's outline from its own box; the correction should not lose that."""
+    before, after, _ = _one_box_raises_dice(*_dcmqi(data_dir, "liver"), "liver")
+    assert before > 0.8 and after > before - 0.005, (before, after)
 
 
 @pytest.mark.data

@@ -930,3 +930,35 @@ def test_a_label_taught_on_other_images_is_said_so_in_the_panel(tmp_path):
     message = Logic.segmentationMessage(["organ"], "Seg", done["empty_labels"], done["untaught_labels"], done["notes"],
                                         done["warnings"], done["other_kind_labels"])
     assert message == f"Added organ to Seg. Not found (taught on other kinds of image): organ. Warning: {warning}."
+
+
+@pytest.mark.data
+@pytest.mark.slow
+def test_the_panels_self_box_choice_reaches_the_model_in_process_and_in_the_background(scene, data_dir):
+    """The panel's "Redraw outlines from their own box" (parameter selfBox) is the library's self_box: checked, the
+    labels the shipped adapter chose (polyp among them) are redrawn where the base is sure; unchecked, the text masks
+    alone, in process and in the background job alike."""
+    import SSAMSegmentLib
+
+    model = SSAMSegmentLib.load(adapter="default", merge=True)
+    if "polyp" not in model.self_box:
+        pytest.skip("the shipped adapter does not redraw polyps from their box")
+    logic = Logic()
+    for path in sorted((data_dir / "kvasir-seg-5" / "images").iterdir()):
+        rgb = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+        volume = add_volume(scene, rgb[None], np.diag([-1.0, -1.0, 1.0, 1.0]), "frame", "vtkMRMLVectorVolumeNode")
+        image = slicer_nodes.image_from_volume_node(volume)
+        text = sitk.GetArrayFromImage(model.segment(image, ["polyp"], self_box="off").masks["polyp"])
+        _, _, checked = logic.segment(volume, ["polyp"], selfBox="auto")
+        _, _, unchecked = logic.segment(volume, ["polyp"], selfBox="off")
+        assert (sitk.GetArrayFromImage(unchecked.masks["polyp"]) == text).all() and not unchecked.self_boxed
+        if checked.self_boxed:  # an image the base is sure of: the redrawn outline differs from the text mask
+            assert not (sitk.GetArrayFromImage(checked.masks["polyp"]) == text).all()
+            task = logic.startSegmentation(volume, ["polyp"], selfBox="off", python=sys.executable)
+            task.wait(timeout=300)
+            child = background_task.segmentation_masks(task)["polyp"]
+            task.cleanup()
+            assert (sitk.GetArrayFromImage(child) == text).all()
+            break
+    else:
+        pytest.fail("no Kvasir image where the base is sure of the polyp's box: the test would prove nothing")

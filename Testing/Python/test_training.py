@@ -193,13 +193,36 @@ def test_budget_total_is_fixed_once_and_kept_on_resume(disks, tmp_path, monkeypa
     config = _config(disks, tmp_path, steps=None, budget_minutes=0.5)
     with pytest.raises(Cancelled):
         train(config, progress=stop_after_the_probe, cancel=cancel)
-    assert len(fitted) == 1 and fitted[0] >= PROBE_STEPS  # the real fit: the steps done at least
+    # the real fit (the steps done at least), and its correction once the first validation's cost is measured
+    assert len(fitted) == 2 and fitted[0] >= PROBE_STEPS
     train_updates = [u for u in updates if u.phase == "train"]
     assert train_updates[0].total_steps == 400 and train_updates[-1].total_steps == 7  # default until measured
     assert all(u.finish_time is not None and u.lr is not None for u in train_updates)
     monkeypatch.setattr(trainer, "steps_within_budget", lambda *args: 1000)  # a resumed run must not refit
     resumed = train(TrainingConfig(**{**config.__dict__, "resume": str(config.checkpoint_path())}))
     assert resumed.steps == 7 and resumed.summary["total_steps"] == 7
+
+
+def test_budget_is_planned_again_once_with_the_first_validations_measured_cost(disks, tmp_path, monkeypatch):
+    """The plan after PROBE_STEPS guesses what a validation costs; the first validation measured corrects the total
+    once (a run with six validation sets ended after 30 of its 70 minutes on the guess)."""
+    from SSAMSegmentLib.training import trainer
+    from SSAMSegmentLib.training.schedule import PROBE_STEPS
+
+    calls = []
+
+    def fit(budget, elapsed, done, per_step, per_validation):
+        calls.append((done, per_validation))
+        return {1: 6, 2: 9}.get(len(calls), 1000)  # made fixed so the test does not depend on the load
+
+    monkeypatch.setattr(trainer, "steps_within_budget", fit)
+    updates = []
+    result = train(_config(disks, tmp_path, steps=None, budget_minutes=0.5, patience=0), progress=updates.append)
+    assert len(calls) == 2 and result.summary["total_steps"] == 9  # planned, corrected, then fixed
+    assert calls[0][0] == calls[1][0] == PROBE_STEPS  # 6 steps validate after every step: the first at step 3
+    plans = [u.message for u in updates if u.message.startswith("budget of")]
+    assert len(plans) == 2 and "first validation" in plans[1] and "9 steps" in plans[1]
+    assert [r["step"] for r in result.history] == list(range(PROBE_STEPS, 10))
 
 
 def test_cancel_leaves_checkpoint_and_intact_adapter(disks, tmp_path):

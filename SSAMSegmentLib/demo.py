@@ -10,7 +10,8 @@
    Only the wheel's two data files are used (fetched with `pip download`, checked by SHA256); stardist is not installed.
 3. CT, labels spine, aorta, lung: CT_small.dcm, a real chest CT slice (NEMA WG04 'CT1', downsized to 128x128 by
    pydicom's maintainers) shipped inside the `pydicom` package. Not used in training. It is an 85 mm close-up
-   around one vertebra, unlike anything the default adapter saw, so empty masks are a likely (and valid) answer.
+   around one vertebra, unlike anything the default adapter saw. The default adapter learnt spine and aorta poorly
+   (its model card), so their empty masks are said to be "not found (learnt poorly)", not absent.
 
 A label the adapter was never taught is still segmented, with the warning of model/labels.py; its Dice shows why.
 """
@@ -193,6 +194,6 @@ def run_demo(output_folder="ssam-demo", device="auto", data_folder=None, overwri
     print(f"labels       {', '.join(labels)}")
     _segment(model, ct, labels, folder, "CT_small", overwrite)
     print(f"\ndone in {time.perf_counter() - start:.1f} s; open each .seg.nrrd in 3D Slicer with its image, or look at "
-          f"the preview PNGs. An empty mask of a label the model was taught means it is absent: a valid answer, "
-          f"not an error.")
+          f"the preview PNGs. An empty mask of a label the model was taught and learnt well means it is absent: a "
+          f"valid answer, not an error; the summary says where a label was not learnt well enough to say so.")
     return 0

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from SSAMSegmentLib.files.image_io import kinds_in_words
 from SSAMSegmentLib.model.adapter import read_metadata
+from SSAMSegmentLib.model.labels import EMPTY_WEAK, WEAK_BELOW
 
 DATA_NOTES = """\
 | dataset | images | labels | ground truth | licence |
@@ -45,7 +46,9 @@ def _settings(training: dict) -> str:
     return ", ".join(parts)
 
 
-TRUST_BELOW = 0.5  # a label whose validation Dice (where present) is below this is listed as not to be trusted
+# a label whose validation Dice (where present) is below this is listed as not to be trusted; segmenting says its
+# empty mask is "not found (learnt poorly)" from the same number
+TRUST_BELOW = WEAK_BELOW
 
 
 CLEAN_SHARE = 0.95  # a label of another kind of image leaving at least this share of test images empty is no worry
@@ -85,7 +88,8 @@ def _untrusted(meta: dict, absent_empty=None) -> str:
     lines = []
     if weak:
         lines.append(f"- **Learnt poorly** (validation Dice below {TRUST_BELOW} where present): {', '.join(weak)}. "
-                     "An empty mask of these labels is not evidence that the structure is absent.")
+                     f"Segmenting calls an empty mask of these labels '{EMPTY_WEAK}': it is no evidence that the "
+                     "structure is absent.")
     if unmeasured:
         lines.append(f"- **Never present in the validation data**, so unmeasured: {', '.join(unmeasured)}.")
     lines.append("- CT and MR labels were learnt from another model's predictions on three small volumes; any CT or MR "

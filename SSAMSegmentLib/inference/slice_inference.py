@@ -79,6 +79,8 @@ class SegmentationResult:
 
     # taught labels asked on another kind of image than they were taught on (labels.other_kind): a guess here
     other_kind_labels: List[str] = dataclasses.field(default_factory=list)
+    # taught labels the adapter learnt poorly (labels.weak): an empty mask of theirs is no evidence of absence
+    weak_labels: List[str] = dataclasses.field(default_factory=list)
 
     # label -> the decoder's predicted IoU on each slice, in the order of the image array along array_axis (NaN
     # where the slice was not decoded): SAM's own quality estimate, shown as a confidence.
@@ -138,7 +140,7 @@ class SegmentationResult:
                                + (f" {PROMPT_ALONE}" if name in self.refined_prompt_alone else ""))
             found.append(f"{name} ({', '.join(details)})")
         parts = [f"found {', '.join(found)}" if found else "no label found"]
-        parts += labels.empty_report(self.empty_labels, self.untaught_labels, self.other_kind_labels)
+        parts += labels.empty_report(self.empty_labels, self.untaught_labels, self.other_kind_labels, self.weak_labels)
         encoded = f" ({self.slices - self.skipped_slices} encoded)" if self.skipped_slices else ""
         details = f"{self.slices} {self.axis} slices{encoded}, {self.precision}, {self.seconds:.1f} s"
         return "; ".join(parts) + f" [{details}]"
@@ -181,6 +183,7 @@ class SliceLogits:
     precision: str  # what the encoder ran in
     other_kind: List[str] = dataclasses.field(default_factory=list)  # labels taught only on other kinds of image
     other_kind_warning: Optional[str] = None  # labels.other_kind_warning for them
+    weak: List[str] = dataclasses.field(default_factory=list)  # labels the adapter learnt poorly (labels.weak)
 
 
 @torch.inference_mode()
@@ -247,7 +250,8 @@ def slice_logits(model, image: sitk.Image, requested, axis: str = "auto", intens
     del targets, source
     return SliceLogits(image, names, geometry, mapping, outputs, quality,
                        schedule.skipped + len(without_signal),
-                       matches, trained, precision, other, labels.other_kind_warning(other, model.label_kinds, kind))
+                       matches, trained, precision, other, labels.other_kind_warning(other, model.label_kinds, kind),
+                       labels.weak(matches, model.label_validation))
 
 
 def segment_image(model, image: sitk.Image, requested, axis: str = "auto", threshold: float = 0.5,
@@ -294,6 +298,7 @@ def masks_from_logits(decoded: SliceLogits, logit_threshold: float, volume_conte
                               warnings=[line for line in [labels.untaught_warning(matches, trained),
                                                           decoded.other_kind_warning] if line],
                               other_kind_labels=list(decoded.other_kind),
+                              weak_labels=list(decoded.weak),
                               precision=decoded.precision, slice_confidence=confidence,
                               volume_context=volume_context.describe())
 

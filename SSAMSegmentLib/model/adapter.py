@@ -195,6 +195,9 @@ def load_adapter(model, path) -> dict:
     kinds = metadata.get("image_kinds", {})
     model.label_kinds = ({label_key(str(name)): [str(kind) for kind in value] for name, value in kinds.items()
                           if isinstance(value, list)} if isinstance(kinds, dict) else {})
+    scores = (metadata.get("training") or {}).get("val_dice_classic_per_label") or {}
+    model.label_validation = ({str(name): float(value) for name, value in scores.items()
+                               if isinstance(value, (int, float))} if isinstance(scores, dict) else {})
     model.neighbour_slices = _neighbour_slices_of(metadata, path)
     model.self_box = _self_box_of(metadata, path)
     model.adapter_path = Path(path)  # what a DICOM SEG names (and hashes) as the algorithm's adapter

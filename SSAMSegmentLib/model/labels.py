@@ -18,6 +18,8 @@ A taught (or mapped) label asked on another kind of image than it was taught on 
 taught on CT and MR volumes, on a colour photograph) is segmented with a warning that its mask is a guess there, and
 an empty mask is "not found (taught on other kinds of image)", never absent. Adapters without that record (older
 ones) warn of nothing.
+A taught label the adapter learnt poorly (validation Dice, where present, under WEAK_BELOW in its training record)
+has an empty mask that is no evidence either: "not found (learnt poorly)", never absent.
 """
 
 import dataclasses
@@ -36,6 +38,8 @@ UNTAUGHT = "untaught"
 EMPTY_TAUGHT = "absent (empty mask)"
 EMPTY_UNTAUGHT = "not found (untaught label)"
 EMPTY_OTHER_KIND = "not found (taught on other kinds of image)"
+EMPTY_WEAK = "not found (learnt poorly)"
+WEAK_BELOW = 0.5  # validation Dice where present under which a taught label counts as learnt poorly (the model card too)
 
 _SEPARATORS = re.compile(r"[,;\n]")
 # Irregular plurals of anatomy and histology words; the regular ones follow the rules in _singular.
@@ -202,6 +206,13 @@ def other_kind_warning(names: Sequence[str], label_kinds: Dict[str, List[str]], 
             f"image; {fine_tune_fix(list(names), 'images like this one')}")
 
 
+def weak(matches: Sequence[LabelMatch], validation: Dict[str, float]) -> List[str]:
+    """The taught or mapped labels (their mask names) whose validation Dice where present (model.label_validation,
+    from the adapter's training record) is under WEAK_BELOW; labels without a score are not judged."""
+    scores = {label_key(name): value for name, value in (validation or {}).items() if value is not None}
+    return [m.name for m in matches if m.taught and scores.get(label_key(m.name), 1.0) < WEAK_BELOW]
+
+
 def mapping_note(matches: Sequence[LabelMatch]) -> Optional[str]:
     """"'Glands' segmented as the trained label 'gland'" for the mapped labels, or None."""
     mapped = [m for m in matches if m.status == MAPPED]
@@ -210,14 +221,19 @@ def mapping_note(matches: Sequence[LabelMatch]) -> Optional[str]:
     return "; ".join(f"'{m.requested}' segmented as the trained label '{m.name}'" for m in mapped)
 
 
-def empty_report(empty: Sequence[str], untaught: Sequence[str], other_kind: Sequence[str] = ()) -> List[str]:
+def empty_report(empty: Sequence[str], untaught: Sequence[str], other_kind: Sequence[str] = (),
+                 weak_labels: Sequence[str] = ()) -> List[str]:
     """"absent (empty mask): spleen", "not found (untaught label): gland": the empty masks, each said as its label
-    allows (the empty mask of an untaught label, or of one taught on other kinds of image, is never called absent)."""
+    allows (the empty mask of an untaught label, of one taught on other kinds of image, or of one learnt poorly, is
+    never called absent)."""
     untaught_keys = {label_key(name) for name in untaught}
     other_keys = {label_key(name) for name in other_kind} - untaught_keys
-    absent = [name for name in empty if label_key(name) not in untaught_keys | other_keys]
+    weak_keys = {label_key(name) for name in weak_labels} - untaught_keys - other_keys
+    absent = [name for name in empty if label_key(name) not in untaught_keys | other_keys | weak_keys]
     not_found = [name for name in empty if label_key(name) in untaught_keys]
     elsewhere = [name for name in empty if label_key(name) in other_keys]
+    poorly = [name for name in empty if label_key(name) in weak_keys]
     return ([f"{EMPTY_TAUGHT}: {', '.join(absent)}"] if absent else []) + (
         [f"{EMPTY_UNTAUGHT}: {', '.join(not_found)}"] if not_found else []) + (
-        [f"{EMPTY_OTHER_KIND}: {', '.join(elsewhere)}"] if elsewhere else [])
+        [f"{EMPTY_OTHER_KIND}: {', '.join(elsewhere)}"] if elsewhere else []) + (
+        [f"{EMPTY_WEAK}: {', '.join(poorly)}"] if poorly else [])

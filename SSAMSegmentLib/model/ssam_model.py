@@ -57,6 +57,8 @@ class SSAM(nn.Module):
         # label_key -> the kinds of image it was taught on (files/image_io.image_kind; saved in the adapter); a label
         # not in it has no record (an older adapter), and is never said to be asked on the wrong kind
         self.label_kinds: Dict[str, List[str]] = {}
+        # label -> validation Dice where present, from the adapter's training record: labels.weak reads it
+        self.label_validation: Dict[str, float] = {}
         # label -> inference.tiling.TileRecord: labels segmented in native-resolution tiles (saved in the adapter)
         self.tile_records: Dict[str, object] = {}
         # input channels: slices k-1, k, k+1 instead of slice k three times (ssam train --neighbour-slices; saved in the

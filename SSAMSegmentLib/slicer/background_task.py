@@ -337,7 +337,7 @@ def _segmentation_job(job: dict, folder: Path, events: _Events, cancel) -> dict:
         sitk.WriteImage(mask, str(folder / name), True)
         listed.append([label, name])
     return {"masks": listed, "empty_labels": list(result.empty_labels), "untaught_labels": result.untaught_labels,
-            "other_kind_labels": list(result.other_kind_labels),
+            "other_kind_labels": list(result.other_kind_labels), "weak_labels": list(result.weak_labels),
             "label_status": {name: match.describe() for name, match in result.label_status.items()},
             "notes": list(result.notes), "warnings": list(result.warnings), "summary": result.summary(),
             "confidence": {label: result.confidence(label) for label in result.masks},

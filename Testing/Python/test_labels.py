@@ -197,3 +197,16 @@ def test_a_label_taught_on_volumes_asked_on_a_photograph_is_a_guess(model):
         assert loaded.label_kinds == model.label_kinds
     finally:
         model.label_kinds = {}
+
+
+def test_a_label_learnt_poorly_is_never_called_absent():
+    """labels.weak reads the adapter's validation Dice where present: under WEAK_BELOW a taught label's empty mask is
+    "not found (learnt poorly)"; a label without a score, or an untaught one, is not judged by it."""
+    matches = labels.match_labels(["Spines", "liver", "lung", "tumour"], ["liver", "spine", "lung"])
+    validation = {"liver": 0.93, "spine": 0.0}  # lung: never present in the validation data
+    assert labels.weak(matches, validation) == ["spine"]
+    assert labels.EMPTY_WEAK == "not found (learnt poorly)"
+    assert labels.empty_report(["spine", "liver", "lung", "tumour"], ["tumour"], [], ["spine"]) == [
+        "absent (empty mask): liver, lung", "not found (untaught label): tumour", "not found (learnt poorly): spine"]
+    # taught on other kinds of image says more than learnt poorly: one line per label
+    assert labels.empty_report(["spine"], [], ["spine"], ["spine"]) == ["not found (taught on other kinds of image): spine"]

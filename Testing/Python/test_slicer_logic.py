@@ -932,6 +932,25 @@ def test_a_label_taught_on_other_images_is_said_so_in_the_panel(tmp_path):
     assert message == f"Added organ to Seg. Not found (taught on other kinds of image): organ. Warning: {warning}."
 
 
+def test_a_label_learnt_poorly_is_not_called_absent_in_the_panel(tmp_path):
+    """An adapter whose training record gives "organ" a validation Dice of 0.1: the background job returns it as
+    learnt poorly and the status line calls its empty segment not found, never absent."""
+    from helpers import perturbed_model
+
+    model = perturbed_model(labels=("organ",), seed=5)
+    adapter = model.save_adapter(tmp_path / "weak.adapter.safetensors", {"val_dice_classic_per_label": {"organ": 0.1}})
+    rng = np.random.default_rng(1)
+    sitk.WriteImage(sitk.GetImageFromArray(rng.normal(50, 20, (2, 40, 44)).astype(np.float32)),
+                    str(tmp_path / "input.nrrd"))
+    job = {"image": "input.nrrd", "labels": ["organ"], "adapter": str(adapter), "device": "cpu", "threshold": 0.999999}
+    events = type("Events", (), {"emit": lambda self, *a, **k: None})()
+    done = background_task._segmentation_job(job, tmp_path, events, type("Never", (), {"is_set": lambda s: False})())
+    assert done["empty_labels"] == ["organ"] and done["weak_labels"] == ["organ"]
+    message = Logic.segmentationMessage(["organ"], "Seg", done["empty_labels"], done["untaught_labels"], done["notes"],
+                                        done["warnings"], done["other_kind_labels"], done["weak_labels"])
+    assert message == "Added organ to Seg. Not found (learnt poorly): organ."
+
+
 @pytest.mark.data
 @pytest.mark.slow
 def test_the_panels_self_box_choice_reaches_the_model_in_process_and_in_the_background(scene, data_dir):

@@ -883,13 +883,14 @@ class SSAMSegmentLogic(ScriptedLoadableModuleLogic):
                             otherKindLabels=(), weakLabels=()) -> str:
         """The status line after a segmentation: what was added, the empty segments said as their label allows
         (an untaught label's empty segment is "not found (untaught label)", one taught only on other kinds of image
-        "not found (taught on other kinds of image)", one learnt poorly "not found (learnt poorly)", never absent), then the result's notes (a name read as a
-        trained label) and warnings (labels never taught or taught on other images, with the fix)."""
+        "not found (taught on other kinds of image)", one learnt poorly "not found (learnt poorly)", never absent),
+        then the result's notes (a name read as a trained label) and warnings (labels never taught or taught on other
+        images, with the fix)."""
         from SSAMSegmentLib.model.labels import empty_report
 
         message = _("Added {segments} to {node}.").format(segments=", ".join(segmentNames), node=nodeName)
-        parts = empty_report(emptyLabels, untaughtLabels, otherKindLabels, weakLabels) + [f"note: {note}" for note in notes] + [
-            f"warning: {warning}" for warning in warnings]
+        parts = (empty_report(emptyLabels, untaughtLabels, otherKindLabels, weakLabels)
+                 + [f"note: {note}" for note in notes] + [f"warning: {warning}" for warning in warnings])
         for part in parts:
             message += f" {part[0].upper()}{part[1:]}."
         return message

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from SSAMSegmentLib.files.image_io import kinds_in_words
 from SSAMSegmentLib.model.adapter import read_metadata
+from SSAMSegmentLib.inference.self_box import MIN_GAIN
 from SSAMSegmentLib.model.labels import EMPTY_WEAK, WEAK_BELOW
 
 DATA_NOTES = """\
@@ -46,11 +47,6 @@ def _settings(training: dict) -> str:
     return ", ".join(parts)
 
 
-# a label whose validation Dice (where present) is below this is listed as not to be trusted; segmenting says its
-# empty mask is "not found (learnt poorly)" from the same number
-TRUST_BELOW = WEAK_BELOW
-
-
 CLEAN_SHARE = 0.95  # a label of another kind of image leaving at least this share of test images empty is no worry
 
 
@@ -83,11 +79,11 @@ def _other_kinds(absent_empty: dict) -> str:
 def _untrusted(meta: dict, absent_empty=None) -> str:
     classic = (meta.get("training") or {}).get("val_dice_classic_per_label") or {}
     weak = [f"{label} ({classic[label]:.3f})" for label in meta["labels"]
-            if classic.get(label) is not None and classic[label] < TRUST_BELOW]
+            if classic.get(label) is not None and classic[label] < WEAK_BELOW]
     unmeasured = [label for label in meta["labels"] if classic.get(label) is None]
     lines = []
     if weak:
-        lines.append(f"- **Learnt poorly** (validation Dice below {TRUST_BELOW} where present): {', '.join(weak)}. "
+        lines.append(f"- **Learnt poorly** (validation Dice below {WEAK_BELOW} where present): {', '.join(weak)}. "
                      f"Segmenting calls an empty mask of these labels '{EMPTY_WEAK}': it is no evidence that the "
                      "structure is absent.")
     if unmeasured:
@@ -126,7 +122,7 @@ def _self_box(meta: dict) -> str:
     tried = ", ".join(f"{label} {record['text']:.3f} -> {record['self_box']:.3f}" for label, record in trials.items()
                       if record.get("slices"))
     return (f"Self-prompted box (the text mask's own box redrawn by the untuned base): {', '.join(chosen) or 'none'}; "
-            f"chosen where it raised the validation Dice by 0.01 or more (tried: {tried}).")
+            f"chosen where it raised the validation Dice by {MIN_GAIN:g} or more (tried: {tried}).")
 
 
 def _start(training: dict) -> str:

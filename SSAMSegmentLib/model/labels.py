@@ -209,7 +209,7 @@ def other_kind_warning(names: Sequence[str], label_kinds: Dict[str, List[str]], 
 def weak(matches: Sequence[LabelMatch], validation: Dict[str, float]) -> List[str]:
     """The taught or mapped labels (their mask names) whose validation Dice where present (model.label_validation,
     from the adapter's training record) is under WEAK_BELOW; labels without a score are not judged."""
-    scores = {label_key(name): value for name, value in (validation or {}).items() if value is not None}
+    scores = {label_key(name): value for name, value in validation.items()}
     return [m.name for m in matches if m.taught and scores.get(label_key(m.name), 1.0) < WEAK_BELOW]
 
 

@@ -695,6 +695,14 @@ def train(config: TrainingConfig, progress: Optional[Callable[[TrainingProgress]
         """The recent steps' mean (the first step also warms caches up); None before any step of this process."""
         return float(np.mean(step_times[1:][-20:] or step_times)) if step_times else None
 
+    def plan_budget(per_step, how):
+        """Fit the total steps to --budget with the costs known now (every process takes rank 0's number)."""
+        state["total_steps"] = _agree(_budget_total(config, state, steps_per_epoch, elapsed(), per_step,
+                                                    seconds_per_validation(per_step)), world)
+        report(TrainingProgress(epoch + 1, _passes(state, steps_per_epoch), state["global_step"], state["total_steps"],
+                                None, None, None, f"budget of {config.budget_minutes:g} min: {state['total_steps']} "
+                                f"steps {how}", phase="prepare"))
+
     def seconds_left(per_step):
         """Honest expected time to the end: the steps left and the validations left (a due one included)."""
         validations = validations_left(state["global_step"], state["total_steps"]) + state["validation_due"]
@@ -727,14 +735,7 @@ def train(config: TrainingConfig, progress: Optional[Callable[[TrainingProgress]
                     # The plan guessed a validation's cost before one had run (a third of a training step per
                     # slice); with merged weights and no backward pass it is often several times less, and six
                     # validation sets made a 70-minute budget end after 30. Plan once more with the measured cost.
-                    state["total_steps"] = _agree(_budget_total(config, state, steps_per_epoch, elapsed(),
-                                                                seconds_per_step(), seconds_per_validation(seconds_per_step())),
-                                                  world)
-                    report(TrainingProgress(epoch + 1, _passes(state, steps_per_epoch), state["global_step"],
-                                            state["total_steps"], None, None, None,
-                                            f"budget of {config.budget_minutes:g} min: {state['total_steps']} steps "
-                                            f"with the first validation's {val_seconds or 0:.0f} s measured",
-                                            phase="prepare"))
+                    plan_budget(seconds_per_step(), f"with the first validation's {val_seconds or 0:.0f} s measured")
                 # At the last step the schedule ends anyway: that is not "stopped early"
                 stop = (rank == 0 and state["global_step"] < state["total_steps"]
                         and should_stop_early(state["history"], schedule.warmup, config.patience))
@@ -782,13 +783,8 @@ def train(config: TrainingConfig, progress: Optional[Callable[[TrainingProgress]
             step_times.append(time.perf_counter() - tick)
             per_step = seconds_per_step()
             if not state["total_fixed"] and len(step_times) >= PROBE_STEPS:
-                state["total_steps"] = _agree(_budget_total(config, state, steps_per_epoch, elapsed(), per_step,
-                                                            seconds_per_validation(per_step)), world)
+                plan_budget(per_step, f"at {per_step:.1f} s each")
                 state["total_fixed"] = planned_here = True
-                report(TrainingProgress(epoch + 1, _passes(state, steps_per_epoch), state["global_step"],
-                                        state["total_steps"], None, None, None,
-                                        f"budget of {config.budget_minutes:g} min: {state['total_steps']} steps "
-                                        f"at {per_step:.1f} s each", phase="prepare"))
             if is_validation_step(state["global_step"], state["total_steps"]):
                 state["validation_due"] = True
             remaining = seconds_left(per_step)

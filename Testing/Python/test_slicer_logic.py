@@ -910,6 +910,17 @@ def test_cancelled_refine_leaves_the_segment_unchanged(scene, logic):
     assert not saved  # no undo step for a change that never happened
 
 
+def _organ_job_on_a_grey_volume(adapter, tmp_path):
+    """The background segmentation job's result for "organ" on a noisy grey volume, run in this process; its
+    threshold leaves the mask empty."""
+    rng = np.random.default_rng(1)
+    sitk.WriteImage(sitk.GetImageFromArray(rng.normal(50, 20, (2, 40, 44)).astype(np.float32)),
+                    str(tmp_path / "input.nrrd"))
+    job = {"image": "input.nrrd", "labels": ["organ"], "adapter": str(adapter), "device": "cpu", "threshold": 0.999999}
+    events = type("Events", (), {"emit": lambda self, *a, **k: None})()
+    return background_task._segmentation_job(job, tmp_path, events, type("Never", (), {"is_set": lambda s: False})())
+
+
 def test_a_label_taught_on_other_images_is_said_so_in_the_panel(tmp_path):
     """An adapter that taught "organ" on colour photographs only, asked on a CT-like grey volume in a background
     job: the job returns the label, and the status line calls its empty segment not found, with the warning."""
@@ -918,13 +929,7 @@ def test_a_label_taught_on_other_images_is_said_so_in_the_panel(tmp_path):
 
     model = perturbed_model(labels=("organ",), seed=5)
     model.label_kinds = {"organ": ["2D RGB"]}
-    adapter = model.save_adapter(tmp_path / "photo.adapter.safetensors")
-    rng = np.random.default_rng(1)
-    sitk.WriteImage(sitk.GetImageFromArray(rng.normal(50, 20, (2, 40, 44)).astype(np.float32)),
-                    str(tmp_path / "input.nrrd"))
-    job = {"image": "input.nrrd", "labels": ["organ"], "adapter": str(adapter), "device": "cpu", "threshold": 0.999999}
-    events = type("Events", (), {"emit": lambda self, *a, **k: None})()
-    done = background_task._segmentation_job(job, tmp_path, events, type("Never", (), {"is_set": lambda s: False})())
+    done = _organ_job_on_a_grey_volume(model.save_adapter(tmp_path / "photo.adapter.safetensors"), tmp_path)
     warning = labels.other_kind_warning(["organ"], {"organ": ["2D RGB"]}, "3D")
     assert done["other_kind_labels"] == ["organ"] and done["warnings"] == [warning]
     message = Logic.segmentationMessage(["organ"], "Seg", done["empty_labels"], done["untaught_labels"], done["notes"],
@@ -939,12 +944,7 @@ def test_a_label_learnt_poorly_is_not_called_absent_in_the_panel(tmp_path):
 
     model = perturbed_model(labels=("organ",), seed=5)
     adapter = model.save_adapter(tmp_path / "weak.adapter.safetensors", {"val_dice_classic_per_label": {"organ": 0.1}})
-    rng = np.random.default_rng(1)
-    sitk.WriteImage(sitk.GetImageFromArray(rng.normal(50, 20, (2, 40, 44)).astype(np.float32)),
-                    str(tmp_path / "input.nrrd"))
-    job = {"image": "input.nrrd", "labels": ["organ"], "adapter": str(adapter), "device": "cpu", "threshold": 0.999999}
-    events = type("Events", (), {"emit": lambda self, *a, **k: None})()
-    done = background_task._segmentation_job(job, tmp_path, events, type("Never", (), {"is_set": lambda s: False})())
+    done = _organ_job_on_a_grey_volume(adapter, tmp_path)
     assert done["empty_labels"] == ["organ"] and done["weak_labels"] == ["organ"]
     message = Logic.segmentationMessage(["organ"], "Seg", done["empty_labels"], done["untaught_labels"], done["notes"],
                                         done["warnings"], done["other_kind_labels"], done["weak_labels"])

@@ -646,6 +646,7 @@ class SSAMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 adapter=self.currentAdapter(), axis=self.ui.axisComboBox.currentText,
                 device=DEVICES.get(self.ui.deviceComboBox.currentText, "auto"),
                 useText=self.ui.refineUseTextCheckBox.checked,
+                selfBox="auto" if self.ui.selfBoxCheckBox.checked else "off",
                 saveState=lambda: self._saveStateForUndo(segmentation), progress=progress, cancel=self._refineCancel)
         except Exception as error:  # SSAMError, Cancelled: the segment was not touched
             self.setStatus(_oneLine(error), error=not isinstance(error, SSAMSegmentLogic.cancelledType()))
@@ -1034,10 +1035,11 @@ class SSAMSegmentLogic(ScriptedLoadableModuleLogic):
 
     def refine(self, volumeNode, segmentationNode, segmentId, roiNode=None, pointsNode=None, negativePointsNode=None,
                adapter="default", axis="auto", device="auto", base=None, useText=True, saveState=None,
-               progress=None, cancel=None, precision="auto"):
+               progress=None, cancel=None, precision="auto", selfBox="auto"):
         """Correct one segment with a Markups ROI and/or point lists placed on the volume (inference/refinement.py):
         the prompted slice is decoded again with the segment's name as text, the correction carried to its
-        neighbours. Only that segment changes, only on the slices returned; `saveState()` is called just before the
+        neighbours (and, for a label the adapter redraws from its own box, `selfBox` "auto", redrawn so on those
+        slices). Only that segment changes, only on the slices returned; `saveState()` is called just before the
         change (the segment editor's saveStateForUndo, so its Undo brings the segment back). A cancelled or failed
         run leaves the node unchanged. Returns the Refinement."""
         from SSAMSegmentLib import SSAMError
@@ -1054,7 +1056,7 @@ class SSAMSegmentLogic(ScriptedLoadableModuleLogic):
         model = self._model(adapter, base, device, precision)
         refinement = model.refine(image, segment.GetName(), current, box=prompt.box, points=prompt.points,
                                   negative_points=prompt.negative_points, axis=axis, use_text=useText,
-                                  progress=progress, cancel=cancel)
+                                  self_box=selfBox, progress=progress, cancel=cancel)
         replace_segment_mask(segmentationNode, volumeNode, segmentId, refinement.mask, image, save_state=saveState)
         scores = list(refinement.confidence.values())
         tag_confidence(segmentationNode, segmentId, sum(scores) / len(scores) if scores else None,

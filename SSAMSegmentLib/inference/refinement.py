@@ -9,6 +9,10 @@ trained for; the adapter's encoder, tuned for text prompts, answers a box alone 
 away from it, the previous corrected mask's box, grown a little, is the next slice's box prompt, until the structure ends there (nothing found, the decoder's
 predicted IoU drops, the area collapses), the new mask roughly agrees with what the label already had (the text
 answer holds from there), or the box's own depth is left. Only the label's mask on the slices reported in `slices` changes; everything else is the input mask.
+
+A label the adapter redraws from its own box when segmenting (self_box.py) is redrawn the same way on the rewritten
+slices, so a correction does not trade the base's outline for the text token's: without it a box on the dcmqi CT's
+self-boxed liver lost volume Dice (0.906 -> 0.900, Testing/Python/test_refinement.py).
 """
 
 import dataclasses
@@ -25,7 +29,7 @@ from .intensity import choose_mapping, has_signal
 from .neighbour_slices import slice_pixels, uses_neighbours
 from .physical_prompts import PhysicalPrompt, to_slice_prompt
 from .preprocessing import logits_to_slice, model_coordinates, to_model_input
-from .self_box import dice
+from .self_box import box_answer, chosen_labels, dice
 from .slice_geometry import SliceGeometry
 from .slice_inference import _copy_geometry, check_threshold
 
@@ -91,9 +95,10 @@ class _SliceDecoder:
 @torch.inference_mode()
 def refine(model, image: sitk.Image, label: str, prompt: PhysicalPrompt, mask: Optional[sitk.Image] = None,
            axis: str = "auto", intensity: str = "auto", window=None, threshold: float = 0.5, use_text: bool = True,
-           carry: bool = True, progress=None, cancel=None) -> Refinement:
+           carry: bool = True, self_box: str = "auto", progress=None, cancel=None) -> Refinement:
     """Correct `label`'s `mask` (None: empty) on `image` with `prompt` (LPS mm), as the module docstring says.
-    axis, intensity and window must be those the mask was made with (the defaults give the same as segment)."""
+    axis, intensity, window and self_box must be those the mask was made with (the defaults give the same as
+    segment)."""
     image = check_image(image)
     if not prompt:
         raise SSAMError(f"no box or point was given to correct '{label}' with")
@@ -153,6 +158,8 @@ def refine(model, image: sitk.Image, label: str, prompt: PhysicalPrompt, mask: O
             previous[direction] = result[0]
             if progress:
                 progress(len(rewritten) / max(1, high - low + 1), f"corrected slice {geometry.array_index(index)}")
+        if decode.token is not None and chosen_labels(model, [label], self_box):
+            _redraw_from_own_box(model, decode, canonical, rewritten, check_cancel)
     finally:
         if was_training:
             model.train()
@@ -160,6 +167,21 @@ def refine(model, image: sitk.Image, label: str, prompt: PhysicalPrompt, mask: O
     _copy_geometry(corrected, image)
     confidence = {geometry.array_index(index): score for index, score in rewritten.items()}
     return Refinement(corrected, sorted(confidence), confidence, geometry.array_axis, fell_back)
+
+
+def _redraw_from_own_box(model, decode: _SliceDecoder, canonical: np.ndarray, rewritten: Dict[int, float],
+                         check_cancel):
+    """The self-prompted box (self_box.py) on each rewritten slice of a label the adapter chose it for: the base's
+    answer to the corrected mask's own box, where the base is confident of it, with its predicted IoU."""
+    base, geometry = untuned_base(model), decode.geometry
+    for index in list(rewritten):
+        check_cancel()
+        view = geometry.slice_view(canonical, index)
+        answer = box_answer(base, slice_pixels(geometry, decode.source, decode.mapping, index), view > 0,
+                            decode.spacing, decode.logit_threshold)
+        if answer is not None:
+            view[...] = answer[0]
+            rewritten[index] = answer[1]
 
 
 def prompts_by_label(labels, boxes=None, points=None, negative_points=None) -> Dict[str, PhysicalPrompt]:

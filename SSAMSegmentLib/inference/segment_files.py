@@ -114,7 +114,7 @@ def segment_file(model, input_path, labels, output_path=None, axis="auto", previ
                            progress=progress, cancel=cancel, probe_mm=probe_mm, context=context, self_box=self_box)
     if prompts:
         apply_refinements(model, image, result, prompts, intensity=intensity, window=window, threshold=threshold,
-                          use_text=use_text, cancel=cancel)
+                          use_text=use_text, self_box=self_box, cancel=cancel)
     result.outputs = write_outputs(output_path, image, result.masks, preview_path=preview,
                                    array_axis=result.array_axis, dicom_source=dicom_source, algorithm=algorithm)
     result.notes += list(dicom_source.notes) if dicom_source is not None else []

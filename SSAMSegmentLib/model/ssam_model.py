@@ -294,7 +294,7 @@ class SSAM(nn.Module):
             check_prompts(image, prompts, options.get("axis", "auto"))
         result = segment_image(self, image, labels, **options)
         if prompts:
-            kept = {k: options[k] for k in ("intensity", "window", "threshold", "cancel") if k in options}
+            kept = {k: options[k] for k in ("intensity", "window", "threshold", "self_box", "cancel") if k in options}
             apply_refinements(self, image, result, prompts, **kept)
         return result
 

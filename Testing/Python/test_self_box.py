@@ -107,3 +107,32 @@ def test_training_chooses_the_box_on_its_validation_slices(data_dir, tmp_path):
         labels=["polyp"], steps=1, start_from="default", patience=0, self_box="off"))
     assert off.summary["self_box"] == {} and SSAMSegmentLib.load(adapter=off.adapter_path).self_box == [
         name for name in SSAMSegmentLib.load(adapter="default").self_box if name != "polyp"]
+
+
+def test_a_correction_of_a_chosen_label_is_redrawn_from_its_own_box_too(model, data_dir):
+    """A box correction (refinement.py) of a label the adapter redraws from its own box: with self_box "auto" the
+    rewritten slice is the base's answer to the corrected mask's own box where the base is sure of it, as segmenting
+    gives; with "off" it is the text token and the box decoded together, as for any other label."""
+    base, shipped, redrawn = untuned_base(model), list(model.self_box), 0
+    model.self_box = ["polyp"]
+    try:
+        for image, truth in _photographs(data_dir, 4):
+            rows, cols = np.nonzero(truth)
+            corners = [image.TransformIndexToPhysicalPoint((int(c), int(r))) for c, r in
+                       ((cols.min(), rows.min()), (cols.max(), rows.max()))]
+            off = model.refine(image, "polyp", box=corners, self_box="off")
+            auto = model.refine(image, "polyp", box=corners)
+            assert off.slices == auto.slices == [0]
+            text_and_box = sitk.GetArrayFromImage(off.mask) > 0
+            geometry = SliceGeometry.for_image(image)
+            rgb = choose_mapping(image).apply(
+                geometry.slice_view(geometry.canonical(sitk.GetArrayViewFromImage(image)), 0))
+            answer, quality = box_prompt_masks(base, rgb, [mask_box(largest_piece(text_and_box))], with_quality=True)
+            expected = answer[0] > 0 if quality[0] >= MIN_IOU else text_and_box
+            redrawn += int(quality[0] >= MIN_IOU and (expected != text_and_box).any())
+            assert ((sitk.GetArrayFromImage(auto.mask) > 0) == expected).all()
+            if quality[0] >= MIN_IOU:
+                assert auto.confidence[0] == pytest.approx(quality[0])
+    finally:
+        model.self_box = shipped
+    assert redrawn >= 1  # at least one photograph where the redraw changed the mask, else the test proves nothing

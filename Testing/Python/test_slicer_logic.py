@@ -956,7 +956,7 @@ def test_a_label_learnt_poorly_is_not_called_absent_in_the_panel(tmp_path):
 def test_the_panels_self_box_choice_reaches_the_model_in_process_and_in_the_background(scene, data_dir):
     """The panel's "Redraw outlines from their own box" (parameter selfBox) is the library's self_box: checked, the
     labels the shipped adapter chose (polyp among them) are redrawn where the base is sure; unchecked, the text masks
-    alone, in process and in the background job alike."""
+    alone, in process and in the background job alike; Refine follows the same setting."""
     import SSAMSegmentLib
 
     model = SSAMSegmentLib.load(adapter="default", merge=True)
@@ -978,6 +978,20 @@ def test_the_panels_self_box_choice_reaches_the_model_in_process_and_in_the_back
             child = background_task.segmentation_masks(task)["polyp"]
             task.cleanup()
             assert (sitk.GetArrayFromImage(child) == text).all()
+            # Refine follows the same checkbox: a box around the polyp gives the library's correction either way
+            segmentation, ids, _ = logic.segment(volume, ["polyp"], selfBox="off")
+            rows, cols = np.nonzero(text.reshape(text.shape[-2:]))
+            ras = lambda ijk: (slicer_nodes.ijk_to_ras(volume) @ np.array([*ijk, 1.0]))[:3]  # noqa: E731
+            low, high = ras((int(cols.min()), int(rows.min()), 0)), ras((int(cols.max()), int(rows.max()), 0))
+            roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode")
+            roi.SetCenterWorld(*((low + high) / 2))
+            roi.SetSizeWorld(*(np.abs(high - low) + np.array([0, 0, 1.0])))
+            box = slicer_nodes.markups_prompt(volume, roi).box
+            for setting in ("off", "auto"):
+                current = slicer_nodes.segment_masks(segmentation, volume, [ids["polyp"]])["polyp"]
+                expected = model.refine(image, "polyp", current, box=box, self_box=setting)
+                refined = logic.refine(volume, segmentation, ids["polyp"], roiNode=roi, selfBox=setting)
+                assert (sitk.GetArrayFromImage(refined.mask) == sitk.GetArrayFromImage(expected.mask)).all()
             break
     else:
         pytest.fail("no Kvasir image where the base is sure of the polyp's box: the test would prove nothing")

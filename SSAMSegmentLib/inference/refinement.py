@@ -29,7 +29,7 @@ from .intensity import choose_mapping, has_signal
 from .neighbour_slices import slice_pixels, uses_neighbours
 from .physical_prompts import PhysicalPrompt, to_slice_prompt
 from .preprocessing import logits_to_slice, model_coordinates, to_model_input
-from .self_box import box_answer, chosen_labels, dice
+from .self_box import chosen_labels, dice, redraw_slices
 from .slice_geometry import SliceGeometry
 from .slice_inference import _copy_geometry, check_threshold
 
@@ -158,8 +158,9 @@ def refine(model, image: sitk.Image, label: str, prompt: PhysicalPrompt, mask: O
             previous[direction] = result[0]
             if progress:
                 progress(len(rewritten) / max(1, high - low + 1), f"corrected slice {geometry.array_index(index)}")
-        if decode.token is not None and chosen_labels(model, [label], self_box):
-            _redraw_from_own_box(model, decode, canonical, rewritten, check_cancel)
+        if decode.token is not None and chosen_labels(model, [label], self_box):  # as segmenting drew it
+            rewritten.update(redraw_slices(untuned_base(model), geometry, decode.source, mapping, canonical,
+                                           list(rewritten), decode.spacing, logit_threshold, check_cancel))
     finally:
         if was_training:
             model.train()
@@ -167,21 +168,6 @@ def refine(model, image: sitk.Image, label: str, prompt: PhysicalPrompt, mask: O
     _copy_geometry(corrected, image)
     confidence = {geometry.array_index(index): score for index, score in rewritten.items()}
     return Refinement(corrected, sorted(confidence), confidence, geometry.array_axis, fell_back)
-
-
-def _redraw_from_own_box(model, decode: _SliceDecoder, canonical: np.ndarray, rewritten: Dict[int, float],
-                         check_cancel):
-    """The self-prompted box (self_box.py) on each rewritten slice of a label the adapter chose it for: the base's
-    answer to the corrected mask's own box, where the base is confident of it, with its predicted IoU."""
-    base, geometry = untuned_base(model), decode.geometry
-    for index in list(rewritten):
-        check_cancel()
-        view = geometry.slice_view(canonical, index)
-        answer = box_answer(base, slice_pixels(geometry, decode.source, decode.mapping, index), view > 0,
-                            decode.spacing, decode.logit_threshold)
-        if answer is not None:
-            view[...] = answer[0]
-            rewritten[index] = answer[1]
 
 
 def prompts_by_label(labels, boxes=None, points=None, negative_points=None) -> Dict[str, PhysicalPrompt]:

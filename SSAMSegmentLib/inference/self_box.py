@@ -15,7 +15,7 @@ tiles (tiling.py) are many small structures and never get it. Costs one more enc
 where such a label was found.
 """
 
-from typing import List, Sequence
+from typing import Dict, List, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -56,6 +56,25 @@ def chosen_labels(model, names: Sequence[str], setting: str = "auto") -> List[st
     return [name for name in names if label_key(name) in chosen and label_key(name) not in tiled]
 
 
+def redraw_slices(base, geometry, source, mapping, canonical: np.ndarray, indices, spacing,
+                  logit_threshold: float = 0.0, check_cancel=None) -> Dict[int, float]:
+    """Redraw a label's mask (`canonical`, in geometry.canonical order) in place on the slices `indices` where the
+    base is sure of its answer to the mask's own box; returns {slice index: the base's predicted IoU} of those."""
+    redrawn = {}
+    for index in indices:
+        if check_cancel is not None:
+            check_cancel()
+        view = geometry.slice_view(canonical, index)
+        if not view.any():
+            continue
+        # the base's own input: the slice alone, even for an adapter trained on neighbouring slices
+        answer = box_answer(base, slice_pixels(geometry, source, mapping, index), view > 0, spacing, logit_threshold)
+        if answer is not None:
+            view[...] = answer[0]
+            redrawn[index] = answer[1]
+    return redrawn
+
+
 @torch.inference_mode()
 def apply_self_box(model, image: sitk.Image, geometry, mapping, result, logit_threshold: float = 0.0,
                    setting: str = "auto", cancel=None) -> None:
@@ -67,29 +86,25 @@ def apply_self_box(model, image: sitk.Image, geometry, mapping, result, logit_th
     base = untuned_base(model)
     source = geometry.canonical(sitk.GetArrayViewFromImage(image))
     spacing = geometry.in_plane_spacing()
+
+    def check_cancel():
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("segmentation cancelled; nothing was written")
+
     for name in names:
         array = sitk.GetArrayFromImage(result.masks[name])
-        canonical = geometry.canonical(array)
+        redrawn = redraw_slices(base, geometry, source, mapping, geometry.canonical(array), range(geometry.num_slices),
+                                spacing, logit_threshold, check_cancel)
+        if not redrawn:
+            continue
         scores = result.slice_confidence.get(name)
-        changed = []
-        for index in range(geometry.num_slices):
-            if cancel is not None and cancel.is_set():
-                raise Cancelled("segmentation cancelled; nothing was written")
-            view = geometry.slice_view(canonical, index)
-            # the base's own input: the slice alone, even for an adapter trained on neighbouring slices
-            answer = box_answer(base, slice_pixels(geometry, source, mapping, index), view > 0, spacing,
-                                logit_threshold) if view.any() else None
-            if answer is None:
-                continue
-            view[...] = answer[0]
-            changed.append(geometry.array_index(index))
-            if scores is not None:
-                scores[geometry.array_index(index)] = answer[1]  # the mask is now the base's: so is its confidence
-        if changed:
-            mask = sitk.GetImageFromArray(array)
-            mask.CopyInformation(result.masks[name])
-            result.masks[name] = mask
-            result.self_boxed[name] = sorted(changed)
+        if scores is not None:
+            for index, quality in redrawn.items():
+                scores[geometry.array_index(index)] = quality  # the mask is now the base's: so is its confidence
+        mask = sitk.GetImageFromArray(array)
+        mask.CopyInformation(result.masks[name])
+        result.masks[name] = mask
+        result.self_boxed[name] = sorted(geometry.array_index(index) for index in redrawn)
     result.empty_labels = [label for label, mask in result.masks.items()
                            if not sitk.GetArrayViewFromImage(mask).any()]
 

@@ -101,6 +101,9 @@ def _info(args) -> int:
         if tiles:
             listed = ", ".join(f"{label} ({value['tile']} px)" for label, value in tiles.items())
             print(f"  tiles         {listed}")
+        for route in metadata.get("routes") or []:  # model/label_routes.py
+            print(f"  routed        {', '.join(route['labels'])} through the network of "
+                  f"{(route.get('training') or {}).get('file', 'another adapter')}")
         for key, value in (metadata.get("training") or {}).items():
             print(f"  {key:<14}{value}")
     return 0

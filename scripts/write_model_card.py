@@ -125,6 +125,33 @@ def _self_box(meta: dict) -> str:
             f"chosen where it raised the validation Dice by {MIN_GAIN:g} or more (tried: {tried}).")
 
 
+def _routes(meta: dict) -> str:
+    """Which labels another network computes (SSAMSegmentLib/model/label_routes.py) and what trained it."""
+    routes = meta.get("routes") or []
+    if not routes:
+        return "Every label is computed by this adapter's own tensors (no label routes)."
+    lines = []
+    for route in routes:
+        training = route.get("training") or {}
+        data = sorted({case.split("/")[0] for case in training.get("train_cases") or []})
+        lines.append(f"{', '.join(route['labels'])} through the network of `{training.get('file')}` (trained on "
+                     f"{', '.join(data) or 'unrecorded data'}: {training.get('train_slices')} training slices, kept step "
+                     f"{training.get('steps')} of {training.get('total_steps')})")
+    return ("Label routes (one file, two networks: the same base with two sets of tuned tensors): "
+            + "; ".join(lines) + ". The other labels use this adapter's own tensors. An image asked for labels of "
+            "both networks is encoded by each.")
+
+
+def _route_training(meta: dict) -> str:
+    lines = []
+    for route in meta.get("routes") or []:
+        training = route.get("training") or {}
+        lines.append(f"- Routed labels ({', '.join(route['labels'])}): {_settings(training)}, CPU "
+                     f"({training.get('train_seconds')} s in all); best mean validation Dice "
+                     f"{_fmt(training.get('val_dice'))} at step {training.get('steps')}.\n  {_start(training).strip()[2:]}\n")
+    return "".join(lines)
+
+
 def _start(training: dict) -> str:
     start = training.get("start_from")
     if not start:
@@ -182,6 +209,8 @@ One connected organ each, so segmenting keeps only the largest 3D component: {',
 
 {_self_box(meta)}
 
+{_routes(meta)}
+
 **A demonstration model, not a clinical one.** It was trained by the project on the few real images available
 offline: {training.get('train_slices')} training slices, and its CT labels are another model's predictions. Train your own adapter on your data
 (`ssam train`, or the fine-tuning panel in Slicer) for real use.
@@ -204,7 +233,7 @@ over slices where the label is present (`-`: never present in the validation dat
 {rows}
 
 Mean Dice: {_fmt(training.get('val_dice'))} at step {training.get('steps')} (pass {training.get('epochs')} over the training slices), the
-best validation of the run: that adapter is the one kept.
+best validation of the run: that adapter is the one kept.{" The routed labels' rows are their own run's (Training, below)." if meta.get("routes") else ""}
 
 {_test_section(test_results, test_column) if test_results else ""}
 ## Where not to trust it
@@ -213,7 +242,7 @@ best validation of the run: that adapter is the one kept.
 ## Training
 - Settings: {_settings(training)}, focal + Dice loss, light augmentation (intensity jitter, rotation, zoom),
   CPU ({training.get('train_seconds')} s in all).
-{_start(training)}- Command:
+{_start(training)}{_route_training(meta)}- Command:
 
 ```
 {command}

@@ -24,6 +24,7 @@ import torch
 
 from ..errors import Cancelled, SSAMError
 from ..files.image_io import check_image
+from ..model import label_routes
 from .box_prompt import mask_box, untuned_base
 from .intensity import choose_mapping, has_signal
 from .neighbour_slices import slice_pixels, uses_neighbours
@@ -102,6 +103,7 @@ def refine(model, image: sitk.Image, label: str, prompt: PhysicalPrompt, mask: O
     image = check_image(image)
     if not prompt:
         raise SSAMError(f"no box or point was given to correct '{label}' with")
+    model = label_routes.network_for(model, label)  # the network that segments the label (label_routes.py)
     geometry = SliceGeometry.for_image(image, axis)
     mapping = choose_mapping(image, intensity, window)
     logit_threshold = check_threshold(threshold)

@@ -30,7 +30,7 @@ from . import tiling
 from .preprocessing import logits_to_slice, to_model_input
 from .self_box import CHOICES, apply_self_box
 from .slice_geometry import SliceGeometry
-from ..model import labels
+from ..model import label_routes, labels
 from .sparse_slices import DEFAULT_PROBE_MM, SliceSchedule
 from .volume_context import VolumeContext, kept_slices, logits_to_mask, new_logit_volume, quantize_logits
 
@@ -208,7 +208,7 @@ def slice_logits(model, image: sitk.Image, requested, axis: str = "auto", intens
     if not model.merged:
         model.merge()
     device, precision = model.device, model.precision
-    tokens = model.prompt_tokens(model.text_embeddings(names))  # (N, 1, 256), once per image
+    tokens = label_routes.prompt_tokens(model, names)  # (N, 1, 256), once per image, each from its label's network
     batch_size = batch_size or default_batch_size(device)
     tiles = tiling.label_records(model, names)  # per label: None (whole image) or its TileRecord from the adapter
     neighbours = uses_neighbours(model)  # the adapter's input: slices k-1, k, k+1 (neighbour_slices.py)
@@ -234,7 +234,7 @@ def slice_logits(model, image: sitk.Image, requested, axis: str = "auto", intens
                             without_signal.add(index)
                     if batch:
                         _segment_batch(model, batch, tokens, geometry, targets, quality, spacing, precision, tiles,
-                                       list(chosen))
+                                       list(chosen), names)
                     work += len(indices[first:first + batch_size])
                     if progress:
                         done = min(work, total)
@@ -329,21 +329,37 @@ def _slice_logits(model, rgbs, tokens, spacing, precision):
     return logits[:, 0].reshape(count, label_count, height, width), iou
 
 
-def _segment_batch(model, batch, tokens, geometry, targets, quality, spacing, precision, tiles=None, chosen=None):
+def _segment_batch(model, batch, tokens, geometry, targets, quality, spacing, precision, tiles=None, chosen=None,
+                   label_names=None):
     """Decode a batch of slices into the `chosen` labels' int8 logit volumes (and their predicted IoU); chosen: label
-    indices (None: all)."""
+    indices (None: all); label_names: the labels' names, which say their network (None: all the model's own)."""
     chosen = list(range(tokens.shape[0])) if chosen is None else chosen
     tiles = tiles or [None] * tokens.shape[0]
     whole = [label for label in chosen if tiles[label] is None]
-    if whole:
-        logits, iou = _slice_logits(model, [rgb for _, rgb in batch], tokens[whole], spacing, precision)
+    for network, group in _networks(model, whole, label_names):  # labels of another network: its own encoder pass
+        logits, iou = _slice_logits(network, [rgb for _, rgb in batch], tokens[group], spacing, precision)
         stored = quantize_logits(logits)
         for (index, _), per_label, scores in zip(batch, stored, iou):
-            for label, logit_slice, score in zip(whole, per_label, scores):
+            for label, logit_slice, score in zip(group, per_label, scores):
                 geometry.slice_view(targets[label], index)[...] = logit_slice
                 quality[label, index] = score
     tiled = [record if label in chosen else None for label, record in enumerate(tiles)]
     if any(record is not None for record in tiled):  # labels the adapter segments in tiles (tiling.py); no IoU
-        tiling.segment_in_tiles(
-            lambda rgb, labels: _slice_logits(model, [rgb], tokens[labels], spacing, precision)[0][0],
-            batch, tiled, geometry, targets)
+        def tile_logits(rgb, indices):
+            parts = {}
+            for network, group in _networks(model, indices, label_names):
+                for label, logits in zip(group, _slice_logits(network, [rgb], tokens[group], spacing, precision)[0][0]):
+                    parts[label] = logits
+            return torch.stack([parts[label] for label in indices])
+
+        tiling.segment_in_tiles(tile_logits, batch, tiled, geometry, targets)
+
+
+def _networks(model, indices, label_names):
+    """[(network, label indices)] for the label indices given: which network (label_routes.py) decodes each."""
+    if not indices:
+        return []
+    if label_names is None:
+        return [(model, list(indices))]
+    groups = label_routes.by_network(model, [label_names[i] for i in indices])
+    return [(network, [indices[i] for i in positions]) for network, positions in groups]

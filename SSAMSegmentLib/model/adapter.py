@@ -10,19 +10,21 @@ from pathlib import Path
 
 from ..files.atomic_file import atomic_output
 from ..errors import SSAMError
+from . import label_routes
 from .labels import label_key
 
 # The newest format this version reads. An adapter is written with the lowest version that describes it, so that
 # older SSAM Segment refuses ("update SSAM Segment") only what it would misread: version 2 adds "neighbour_slices"
-# (the input channels are slices k-1, k, k+1); an older reader would feed such an adapter slice k three times.
-FORMAT_VERSION = 2
+# (the input channels are slices k-1, k, k+1); an older reader would feed such an adapter slice k three times;
+# version 3 adds "routes" (label_routes.py); an older reader would decode the routed labels through the wrong network.
+FORMAT_VERSION = label_routes.FORMAT_VERSION
 LABELS_KEY = "labels.embeddings"
 
 
 def _metadata(model, training_summary):
     return {
         "format": "ssam-adapter",
-        "format_version": 2 if model.neighbour_slices else 1,
+        "format_version": label_routes.FORMAT_VERSION if model.routes else 2 if model.neighbour_slices else 1,
         "base": model.spec.id,
         "base_sha256": model.base_sha256,
         "image_size": model.image_size,
@@ -43,6 +45,7 @@ def _metadata(model, training_summary):
         # it and gives the text mask alone, a valid answer, so no format version is needed
         "self_box": list(model.self_box),
         "training": training_summary or {},
+        **({"routes": label_routes.metadata(model)} if model.routes else {}),
     }
 
 
@@ -56,6 +59,7 @@ def save_adapter(model, path, training_summary=None) -> Path:
     items = model.labels.items(taught_only=True)  # a name only looked up while segmenting was never trained
     if items:
         tensors[LABELS_KEY] = torch.stack([vector for _, vector in items]).contiguous()
+    tensors.update({name: t.detach().float().cpu().contiguous() for name, t in label_routes.tensors(model).items()})
     metadata = {"ssam": json.dumps(_metadata(model, training_summary))}
     with atomic_output(path, suffix=".safetensors") as temporary:
         save_file(tensors, str(temporary), metadata=metadata)
@@ -159,7 +163,8 @@ def load_adapter(model, path) -> dict:
         with safe_open(str(path), framework="pt") as handle:
             keys = set(handle.keys())
             missing = sorted(set(expected) - keys)
-            unexpected = sorted(keys - set(expected) - {LABELS_KEY})
+            routed = {key for key in keys if key.startswith(label_routes.PREFIX)}
+            unexpected = sorted(keys - set(expected) - {LABELS_KEY} - routed)
             if missing or unexpected:
                 raise SSAMError(
                     f"adapter {path} does not fit this model: {len(missing)} missing and {len(unexpected)} unexpected "
@@ -167,23 +172,16 @@ def load_adapter(model, path) -> dict:
                 )
             tensors = {name: handle.get_tensor(name) for name in expected}
             embeddings = handle.get_tensor(LABELS_KEY) if LABELS_KEY in keys else torch.zeros(0, model.text_dim)
+            route_tensors = {name: handle.get_tensor(name) for name in routed}
     except SSAMError:
         raise
     except Exception as error:
         raise SSAMError(f"adapter {path} is damaged or truncated ({error}); re-export or re-download it") from None
-    for name, tensor in tensors.items():
-        if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise SSAMError(
-                f"adapter {path}: tensor {name} has shape {tuple(tensor.shape)}, the model expects "
-                f"{tuple(expected[name].shape)}; it was made for another architecture"
-            )
     labels = metadata.get("labels", [])
     if embeddings.shape != (len(labels), model.text_dim):
         raise SSAMError(f"adapter {path}: {len(labels)} labels but embeddings of shape {tuple(embeddings.shape)}; the file is damaged")
-    parameters = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, tensor in tensors.items():
-            parameters[name].copy_(tensor.to(parameters[name].dtype))
+    model.routes = []  # a route's network starts as a copy of the model: without the routes of an earlier adapter
+    copy_tensors(model, tensors, path)
     model.labels = type(model.labels)(model.text_encoder_id, model.text_dim, dict(zip(labels, embeddings)))
     if model.merged:
         model.merge()
@@ -201,4 +199,28 @@ def load_adapter(model, path) -> dict:
     model.neighbour_slices = _neighbour_slices_of(metadata, path)
     model.self_box = _self_box_of(metadata, path)
     model.adapter_path = Path(path)  # what a DICOM SEG names (and hashes) as the algorithm's adapter
+
+    def route_tensor(name):
+        if name not in route_tensors:
+            raise SSAMError(f"adapter {path} lacks the routed tensor {name}; the file is damaged, re-export it")
+        return route_tensors[name]
+
+    label_routes.load_routes(model, metadata.get("routes", []), route_tensor, path)
     return metadata
+
+
+def copy_tensors(model, tensors: dict, path) -> None:
+    """Copy an adapter's trainable tensors into `model`, refusing any of another shape."""
+    import torch
+
+    expected = model.trainable_state()
+    for name, tensor in tensors.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise SSAMError(
+                f"adapter {path}: tensor {name} has shape {tuple(tensor.shape)}, the model expects "
+                f"{tuple(expected[name].shape)}; it was made for another architecture"
+            )
+    parameters = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            parameters[name].copy_(tensor.to(parameters[name].dtype))

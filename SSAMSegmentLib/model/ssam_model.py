@@ -68,6 +68,9 @@ class SSAM(nn.Module):
         # on its validation slices, saved in the adapter)
         self.self_box: List[str] = []
         self._fast_encoder = FastEncoderSlot()  # inference-only copy of the merged encoder; not part of the model
+        # label_routes.Route per group of labels another network computes (saved in the adapter); a plain list, so
+        # their tensors are neither this model's parameters nor trained with them
+        self.routes: list = []
         for parameter in self.parameters():
             parameter.requires_grad_(False)
         for _, parameter in self._trainable_items():
@@ -107,6 +110,15 @@ class SSAM(nn.Module):
         "float32" or "bf16". Training is not affected."""
         inference_precision(precision, self.device)  # an unknown name fails here, not at the first slice
         self.requested_precision = str(precision).strip().lower()
+        for route in self.routes:
+            route.network.set_precision(precision)
+        return self
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to(), .float() ... move the routes' networks with the model
+        super()._apply(fn, *args, **kwargs)
+        for route in getattr(self, "routes", []):
+            route.network._apply(fn, *args, **kwargs)
         return self
 
     # --- the trainable set (docs/design.md, section 1) ----------------------------------------------------------
@@ -183,13 +195,15 @@ class SSAM(nn.Module):
             layer.merge()
         self.merged = True
         self._fast_encoder.clear()  # rebuilt from the new weights on first use
+        for route in self.routes:
+            route.network.merge()
         return self
 
     def unmerge(self):
         for layer in tuned_layers(self.image_encoder):
             layer.unmerge()
         self.merged = False
-        self._fast_encoder.clear()
+        self._fast_encoder.clear()  # (the routes' networks are never trained: they stay as they are)
         return self
 
     # --- forward ------------------------------------------------------------------------------------------------

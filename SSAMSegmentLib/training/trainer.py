@@ -36,6 +36,7 @@ from .schedule import (PROBE_STEPS, WarmupCosine, apply_learning_rates, is_valid
 from .slice_bank import SliceBank, build_slice_bank
 from .tile_plan import case_record, plan_tiles
 from ..inference.self_box import dice
+from ..model import label_routes
 from ..model.labels import label_key
 
 
@@ -614,6 +615,7 @@ def train(config: TrainingConfig, progress: Optional[Callable[[TrainingProgress]
     text = model.text_embeddings(labels)  # encoded once; stored in the adapter
     model.label_kinds = taught_kinds(model, dataset)
     model.labels.mark_taught(labels)
+    label_routes.release(model, labels)  # from a routed adapter: this run's labels are the main network's now
     if config.keep_largest is not None:  # else none, or those of the adapter the run starts from
         model.keep_largest = list(config.keep_largest)
     model.neighbour_slices = config.neighbour_slices  # saved in the adapter: segmenting feeds the same channels

@@ -135,7 +135,7 @@ def _routes(meta: dict) -> str:
         training = route.get("training") or {}
         data = sorted({case.split("/")[0] for case in training.get("train_cases") or []})
         lines.append(f"{', '.join(route['labels'])} through the network of `{training.get('file')}` (trained on "
-                     f"{', '.join(data) or 'unrecorded data'}: {training.get('train_slices')} training slices, kept step "
+                     f"{', '.join(data) or 'unrecorded data'}: {training.get('train_slices')} slices, kept step "
                      f"{training.get('steps')} of {training.get('total_steps')})")
     return ("Label routes (one file, two networks: the same base with two sets of tuned tensors): "
             + "; ".join(lines) + ". The other labels use this adapter's own tensors. An image asked for labels of "

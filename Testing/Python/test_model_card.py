@@ -156,3 +156,18 @@ def test_card_names_the_labels_with_the_self_prompted_box(metadata, card):
         return
     assert line, "the card has no self-prompted box line"
     assert (line.group(1).split(", ") if line.group(1) != "none" else []) == metadata.get("self_box", [])
+
+
+def test_card_names_the_routed_labels_of_the_metadata(metadata, card):
+    """Labels another network computes (model/label_routes.py) are the card's, with the run that trained them."""
+    routes = metadata.get("routes") or []
+    if not routes:
+        assert "no label routes" in card
+        return
+    line = re.search(r"^Label routes \(.*?\): (.*?)\. The other labels", card, re.M)
+    assert line, "the card has no label routes line"
+    listed = re.findall(r"(?:^|; )([\w ,]+?) through the network of `([^`]+)`", line.group(1))
+    assert [(names.split(", "), file) for names, file in listed] == [
+        (route["labels"], route["training"]["file"]) for route in routes]
+    for route in routes:
+        assert f"Routed labels ({', '.join(route['labels'])})" in _section(card, "Training")

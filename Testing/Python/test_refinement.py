@@ -240,8 +240,9 @@ def test_one_box_on_a_self_boxed_liver_keeps_it_on_the_dcmqi_ct(data_dir):
 @pytest.mark.slow
 def test_one_box_raises_the_spleen_dice_on_the_totalsegmentator_ct(data_dir):
     """The slices of example_ct_dicom that hold the spleen, with two slices either side (the spleen is on all 20
-    slices, so this is the whole series). The default adapter never learnt spleen (validation Dice 0): with the box,
-    its text token still finds nothing, so the box alone decodes (refinement.py's fallback) and says so."""
+    slices, so this is the whole series). The default adapter routes spleen through its CT network (model card),
+    whose text-only spleen is about half right here; the box on the worst slice, decoded with the text token, raises
+    the volume Dice."""
     from SSAMSegmentLib.files.image_io import read_image
 
     folder = data_dir / "totalsegmentator-ct"
@@ -254,7 +255,7 @@ def test_one_box_raises_the_spleen_dice_on_the_totalsegmentator_ct(data_dir):
     present = np.flatnonzero(reference.any(axis=(1, 2)))
     low, high = max(0, present.min() - 2), min(reference.shape[0], present.max() + 3)
     before, after, result = _one_box_raises_dice(image[:, :, int(low):int(high)], reference[low:high], "spleen")
-    # measured 2026-12-03: 0.000 -> 0.962, carried over all 20 slices (the text token alone and with the box: 0.000;
-    # the box alone through the adapter's tuned encoder instead of the base's own: 0.365)
-    assert after > 0.9, (before, after)
-    assert result.refined_prompt_alone == ["spleen"] and PROMPT_ALONE in result.summary()
+    # measured 2026-12-07 with the routed adapter: 0.500 -> 0.723 (before the route, spleen never learnt: 0.000 ->
+    # 0.962 through the fallback to the box alone, which the text token no longer needs here)
+    assert before > 0.3 and after > before + 0.15, (before, after)
+    assert result.refined_prompt_alone == [] and PROMPT_ALONE not in result.summary()

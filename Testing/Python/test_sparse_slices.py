@@ -154,7 +154,9 @@ def test_sparse_pass_gives_the_dense_masks_on_the_real_ct(data_dir):
     labels = ["liver", "spleen", "kidney"]
     dense = segment_image(model, part, labels, axis="axial", probe_mm=None)
     sparse = segment_image(model, part, labels, axis="axial")
-    assert sparse.skipped_slices >= dense.skipped_slices + 10, "too little was skipped for the comparison to prove much"
+    # 8 of 64 skipped with the routed adapter of 2026-12-06, whose CT network finds the kidneys here (the adapter
+    # before found no kidney and skipped more)
+    assert sparse.skipped_slices >= dense.skipped_slices + 5, "too little was skipped for the comparison to prove much"
     for label in labels:
         np.testing.assert_array_equal(sitk.GetArrayViewFromImage(sparse.masks[label]),
                                       sitk.GetArrayViewFromImage(dense.masks[label]), err_msg=label)

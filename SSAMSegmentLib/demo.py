@@ -11,7 +11,8 @@
 3. CT, labels spine, aorta, lung: CT_small.dcm, a real chest CT slice (NEMA WG04 'CT1', downsized to 128x128 by
    pydicom's maintainers) shipped inside the `pydicom` package. Not used in training. It is an 85 mm close-up
    around one vertebra, unlike anything the default adapter saw. The default adapter learnt spine and aorta poorly
-   (its model card), so their empty masks are said to be "not found (learnt poorly)", not absent.
+   (its model card), so their empty masks are said to be "not found (learnt poorly)", not absent (since its CT
+   labels were routed through a CT-only network, 2026-12-06, it finds the vertebra as spine).
 
 A label the adapter was never taught is still segmented, with the warning of model/labels.py; its Dice shows why.
 """

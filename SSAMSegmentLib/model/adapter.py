@@ -55,11 +55,11 @@ def save_adapter(model, path, training_summary=None) -> Path:
     from safetensors.torch import save_file
 
     path = Path(path)
-    tensors = {name: t.detach().float().cpu().contiguous() for name, t in model.trainable_state().items()}
+    stored = {**model.trainable_state(), **label_routes.tensors(model)}  # the routes' under "routes.<i>."
+    tensors = {name: t.detach().float().cpu().contiguous() for name, t in stored.items()}
     items = model.labels.items(taught_only=True)  # a name only looked up while segmenting was never trained
     if items:
         tensors[LABELS_KEY] = torch.stack([vector for _, vector in items]).contiguous()
-    tensors.update({name: t.detach().float().cpu().contiguous() for name, t in label_routes.tensors(model).items()})
     metadata = {"ssam": json.dumps(_metadata(model, training_summary))}
     with atomic_output(path, suffix=".safetensors") as temporary:
         save_file(tensors, str(temporary), metadata=metadata)
